@@ -1,0 +1,1 @@
+"""ONNX export of the static parts and an onnxruntime-backed runner."""

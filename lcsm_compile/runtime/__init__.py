@@ -1,0 +1,1 @@
+"""Decode state, step programs, CUDA graphs and generate()."""

@@ -1,0 +1,76 @@
+"""Every option of the lcsm backend, in one dataclass.
+
+`torch.compile(model, backend="lcsm", options={...})` hands the dict here; an unknown key or a
+value of the wrong type is an error that lists what is valid, never a silent no-op.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+INNER_BACKENDS = ("inductor", "eager", "aot_eager")
+CONV_IMPLS = ("auto", "fft", "direct", "triton")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Longest sequence the compiled model will see; filters are folded at this length.
+    # None: the longest length the model itself supports (its filter / positional buffer).
+    max_len: int | None = None
+    # Raise instead of falling back when a mixer cannot be rewritten or a pass fails.
+    strict: bool = False
+    # Numerically confirm every proposed mixer region before rewriting it.
+    verify: bool = True
+    # Build a decoder (step program + online convolution state) alongside prefill.
+    decode: bool = False
+    # Compiler for everything that is not a mixer. "eager" keeps CPU tests fast.
+    inner_backend: str = "inductor"
+    # How lcsm::causal_conv runs: "auto" picks by device and shape.
+    conv_impl: str = "auto"
+    # Relative tolerance of the verifier's probes (scaled up for half precision).
+    verify_rtol: float = 1e-4
+    # Convolutions with filters at most this long are "short" (ring buffers when decoding).
+    short_conv_max: int = 64
+    # Lower modal filters (Re sum r p^t) to their exact recurrence when decoding.
+    modal_recurrence: bool = True
+    # Replay decode steps under CUDA graphs on GPU.
+    cuda_graphs: bool = True
+    # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
+    seq_dim: int = 1
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
+        options = dict(options or {})
+        valid = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"lcsm: unknown option(s) {unknown}; valid options are: {sorted(valid)}"
+            )
+        settings = cls(**options)
+        settings._check()
+        return settings
+
+    def replace(self, **changes: Any) -> "Settings":
+        return Settings.from_options({**dataclasses.asdict(self), **changes})
+
+    def _check(self) -> None:
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"lcsm: option {name}={getattr(self, name)!r} must be {want}")
+
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+            raise bad("max_len", "a positive int or None")
+        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
+        if self.inner_backend not in INNER_BACKENDS:
+            raise bad("inner_backend", f"one of {INNER_BACKENDS}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise bad("conv_impl", f"one of {CONV_IMPLS}")
+        if not (isinstance(self.verify_rtol, float) and 0 < self.verify_rtol < 1):
+            raise bad("verify_rtol", "a float in (0, 1)")
+        if not isinstance(self.short_conv_max, int) or self.short_conv_max < 1:
+            raise bad("short_conv_max", "a positive int")
+        if not isinstance(self.seq_dim, int):
+            raise bad("seq_dim", "an int")
