@@ -1,23 +1,45 @@
 """The `torch.compile` backend: `torch.compile(model, backend="lcsm", options={...})`.
 
-Thin on purpose: validate the options, run the pass pipeline, hand what is left to the inner
-compiler. Registered through the `torch_dynamo_backends` entry point, so importing
-`lcsm_compile` is not needed before `torch.compile(..., backend="lcsm")`.
+Thin on purpose: validate the options, lower the dynamo graph to ATen (capture), run the pass
+pipeline, hand the rewritten graph to the inner compiler. Registered through the
+`torch_dynamo_backends` entry point, so `import lcsm_compile` is not needed first.
+A graph the pipeline cannot handle runs as the inner compiler alone would run it, with a
+warning naming why (once); `options={"strict": True}` raises instead.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from functorch.compile import make_boxed_func
 from torch import fx
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from .passes.capture import describe_inputs
+from .passes.pipeline import CompileReport, run_pipeline
 from .settings import Settings
 
-__all__ = ["lcsm_backend", "inner_compile"]
+__all__ = ["lcsm_backend", "inner_compile", "report_listeners", "LcsmCompileError"]
+
+# explain() and the decoder subscribe here to see each graph's report.
+report_listeners: list[Callable[[CompileReport, Any], None]] = []
+_warned: set[str] = set()
+
+
+class LcsmCompileError(RuntimeError):
+    """Raised in strict mode when part of a model cannot be rewritten."""
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> Callable:
-    """Compile what we do not own with the configured inner backend."""
+    """Compile a dynamo graph with the configured inner backend (the unchanged fallback)."""
     if settings.inner_backend == "inductor":
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
@@ -29,6 +51,19 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
     return gm.forward
 
 
+def _inner_compile_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> Callable:
+    """Compile an ATen inference graph (already through aot_autograd) with the inner backend."""
+    if settings.inner_backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner  # noqa: PLC0415
+
+        return compile_fx_inner(gm, list(example_inputs))
+    return make_boxed_func(gm.forward)
+
+
+def _problems(report: CompileReport) -> str:
+    return "; ".join(f"{u.node}: {u.reason}" for u in report.unsupported)
+
+
 def lcsm_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -38,4 +73,34 @@ def lcsm_backend(
     settings = Settings.from_options(options)
     if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ValueError(f"lcsm: unknown mode {mode!r}")
-    return inner_compile(gm, example_inputs, settings)
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        message = (
+            "lcsm: gradients are enabled, so the graph runs unchanged (lcsm folds weights into filters and "
+            "rewrites inference graphs only); call the model under torch.no_grad() or torch.inference_mode()"
+        )
+        if settings.strict:
+            raise LcsmCompileError(message)
+        _warn_once(message)
+        return inner_compile(gm, example_inputs, settings)
+
+    def compile_aten(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable:
+        try:
+            # aot_autograd calls us inside its fake mode; the verifier's probes are real tensors.
+            with unset_fake_temporarily():
+                cg = describe_inputs(gm, example_inputs, aten_gm, settings.seq_dim)
+                report = run_pipeline(cg, settings)
+        except Exception as e:
+            if settings.strict:
+                raise LcsmCompileError(f"lcsm: cannot compile this graph: {e}") from e
+            _warn_once(f"lcsm: graph left unchanged: {type(e).__name__}: {e}")
+            return _inner_compile_aten(aten_gm, aten_inputs, settings)
+        for listener in list(report_listeners):
+            listener(report, cg)
+        if report.unsupported:
+            message = f"lcsm: left unchanged: {_problems(report)}"
+            if settings.strict:
+                raise LcsmCompileError(message)
+            _warn_once(message)
+        return _inner_compile_aten(aten_gm, aten_inputs, settings)
+
+    return aot_module_simplified(gm, example_inputs, fw_compiler=compile_aten, inference_compiler=compile_aten)

@@ -1,0 +1,248 @@
+"""verify: numbers confirm every proposed region before anything is rewritten.
+
+For a region y = f(u):
+  offset     c = f(0), must be constant in time (a bias); the rest must be linear
+  impulse    h = f(delta_0) - c gives the filter (a skip D*u lands in h[0])
+  channels   f(r * delta_0) - c == r * h for random r, else the region mixes channels
+  causality  f(delta_{L-1}) - c is zero before L-1, else it reads future positions
+  probes     f(u) - c == causal_conv(u, h) for random u (linearity, time invariance)
+  lengths    with a dynamic L, h at a second length is a prefix-extension of h at the first;
+             with a static L, factory ops sized by L (linspace(0, 1, L)) are re-run at L+1
+A region that fails keeps its original nodes, and the reason goes to explain().
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx
+
+from ..ops import causal_conv_reference
+from ..settings import Settings
+from .capture import CapturedGraph, sym_expr
+from .match import Rejection
+from .region import Region, RegionFunction, foreign_inputs
+
+__all__ = ["Mixer", "verify_region", "verify", "to_canonical", "from_canonical"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Mixer:
+    region: Region
+    fn: RegionFunction
+    axis: int  # time dim of u
+    bcast_dims: tuple[int, ...]  # dims of u the filter does not depend on (batch)
+    chan_dims: tuple[int, ...]  # dims of u that index channels
+    h: Tensor  # (C, L) canonical filter, skip folded into h[:, 0]
+    bias: Tensor | None  # (C,) constant offset, or None
+    length: int  # length h was computed at
+
+    @property
+    def kind(self) -> str:
+        return self.region.kind
+
+    @property
+    def channels(self) -> int:
+        return self.h.shape[0]
+
+    @property
+    def filter_length(self) -> int:
+        nz = (self.h.abs() > 0).any(0).nonzero()
+        return int(nz.max()) + 1 if len(nz) else 1
+
+
+class VerifyError(Exception):
+    pass
+
+
+def concrete_shape(val) -> tuple[int, ...]:
+    return tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in val.shape)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def to_canonical(x: Tensor, axis: int, bcast: tuple, chan: tuple) -> Tensor:
+    """(..., L at axis, ...) -> (prod bcast, prod chan, L)."""
+    perm = (*bcast, *chan, axis)
+    x = x.permute(perm)
+    b = 1
+    for d in range(len(bcast)):
+        b *= x.shape[d]
+    return x.reshape(b, -1, x.shape[-1])
+
+
+def from_canonical(y: Tensor, shape: tuple, axis: int, bcast: tuple, chan: tuple) -> Tensor:
+    perm = (*bcast, *chan, axis)
+    y = y.reshape([shape[d] for d in perm])
+    return y.permute([perm.index(d) for d in range(len(shape))])
+
+
+def _device(cg: CapturedGraph) -> torch.device:
+    for inp in cg.inputs:
+        if isinstance(inp.value, Tensor):
+            return inp.value.device
+    return torch.device("cpu")
+
+
+def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0):
+    z = torch.zeros(shape, dtype=dtype, device=device)
+    c = fn(z)
+    d = z.clone()
+    d.select(axis, at).fill_(1)
+    return fn(d) - c, c
+
+
+def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixer:
+    foreign = foreign_inputs(region)
+    if foreign:
+        from .region import describe_node  # noqa: PLC0415
+
+        raise VerifyError(f"data-dependent filter: it reads another sequence value ({describe_node(foreign[0])})")
+    fn = RegionFunction(cg, region)
+    uval = region.u.meta["val"]
+    shape = concrete_shape(uval)
+    dtype, device = uval.dtype, _device(cg)
+    if not dtype.is_floating_point:
+        raise VerifyError(f"its input is {dtype}, not a floating-point signal")
+    tol = settings.verify_rtol if dtype in (torch.float32, torch.float64) else 3e-2
+    axes = _axis_candidates(cg, uval, shape)
+    if not axes:
+        raise VerifyError("no time dim found in the region's input")
+    errors = []
+    for axis in axes:
+        try:
+            return _verify_axis(cg, fn, region, shape, axis, dtype, device, tol)
+        except VerifyError as e:
+            errors.append(str(e))
+    raise VerifyError(errors[0])
+
+
+def _axis_candidates(cg: CapturedGraph, uval, shape) -> list[int]:
+    out = []
+    for i, s in enumerate(uval.shape):
+        expr = sym_expr(s)
+        if cg.time_symbol is not None:
+            if expr == cg.time_symbol:
+                out.append(i)
+        elif shape[i] == cg.length:
+            out.append(i)
+    return out
+
+
+def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol) -> Mixer:
+    L = shape[axis]
+    g = torch.Generator(device="cpu").manual_seed(1234 + L)
+
+    def rand(shp):
+        return torch.randn(shp, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    try:
+        h_full, c = impulse_response(fn, shape, axis, dtype, device)
+    except VerifyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a region that cannot run on probes is not a mixer
+        raise VerifyError(f"could not be evaluated on probe inputs ({type(e).__name__}: {e})") from e
+    if tuple(h_full.shape) != tuple(shape):
+        raise VerifyError(f"its output shape {tuple(h_full.shape)} differs from its input's {shape}")
+    scale = h_full.double().norm().clamp_min(1e-30)
+    # The offset (bias) must not vary along time.
+    if _rel(c, c.narrow(axis, 0, 1).expand_as(c)) > tol and c.double().norm() > tol * scale:
+        raise VerifyError("its offset f(0) varies with position")
+    # Causality: an impulse at the last step must not show up earlier.
+    if L > 1:
+        last, _ = impulse_response(fn, shape, axis, dtype, device, at=L - 1)
+        leak = last.narrow(axis, 0, L - 1).double().norm()
+        if leak > tol * max(float(scale), float(last.double().norm())):
+            raise VerifyError("non-causal: reads future positions")
+    # Which dims index channels and which the filter ignores (batch).
+    others = [d for d in range(len(shape)) if d != axis]
+    bcast = tuple(d for d in others if d == 0 and _rel(h_full, h_full.narrow(d, 0, 1).expand_as(h_full)) <= tol)
+    chan = tuple(d for d in others if d not in bcast)
+    r = rand(shape)
+    d0 = torch.zeros(shape, dtype=dtype, device=device)
+    d0.select(axis, 0).copy_(r.select(axis, 0))
+    if _rel(fn(d0) - c, h_full * d0.select(axis, 0).unsqueeze(axis)) > tol:
+        raise VerifyError("mixes channels")
+    h = to_canonical(h_full, axis, bcast, chan)[0]
+    bias = to_canonical(c, axis, bcast, chan)[0, :, 0]
+    bias = None if bias.double().norm() == 0 else bias
+    # Random probes: the whole region against the convolution it claims to be.
+    for _ in range(2):
+        u = rand(shape)
+        got = fn(u) - c
+        want = from_canonical(causal_conv_reference(to_canonical(u, axis, bcast, chan), h), shape, axis, bcast, chan)
+        err = _rel(got, want)
+        if err > tol:
+            if _rel(fn(2 * u) - c, 2 * got) > tol:
+                raise VerifyError("not linear in its input (a data-dependent filter or a nonlinearity)")
+            if L > 2:
+                mid, _ = impulse_response(fn, shape, axis, dtype, device, at=L // 2)
+                shifted = torch.zeros_like(h_full).narrow(axis, L // 2, L - L // 2).copy_(h_full.narrow(axis, 0, L - L // 2))
+                if _rel(mid.narrow(axis, L // 2, L - L // 2), shifted) > tol:
+                    raise VerifyError("not time-invariant: the filter changes with position")
+            raise VerifyError(f"does not match a causal convolution (relative error {err:.2e})")
+    mixer = Mixer(region, fn, axis, bcast, chan, h, bias, L)
+    _check_lengths(cg, mixer, shape, dtype, device, tol)
+    return mixer
+
+
+def _check_lengths(cg, mixer: Mixer, shape, dtype, device, tol) -> None:
+    L = shape[mixer.axis]
+    if cg.symbolic:
+        for L2 in (L + max(3, L // 2), L - L // 3):
+            if L2 < 2 or L2 == L:
+                continue
+            shp = list(shape)
+            shp[mixer.axis] = L2
+            try:
+                h2, _ = impulse_response(mixer.fn, shp, mixer.axis, dtype, device)
+            except Exception:  # noqa: BLE001 - the model may not run past its own max_len
+                continue
+            h2 = to_canonical(h2, mixer.axis, mixer.bcast_dims, mixer.chan_dims)[0]
+            m = min(L, L2)
+            if _rel(h2[:, :m], mixer.h[:, :m]) > tol:
+                raise VerifyError("filter depends on total length (not prefix-consistent across lengths)")
+            return
+        return
+    for node in mixer.fn.constant:
+        if _length_factory_changes(node, L):
+            raise VerifyError(f"filter depends on total length ({node.target} over {L} points)")
+
+
+_FACTORIES = (aten.linspace.default, aten.logspace.default)
+
+
+def _length_factory_changes(node: fx.Node, L: int) -> bool:
+    """A factory op sized by L whose values change when L does (linspace(0, 1, L))."""
+    if node.target not in _FACTORIES:
+        return False
+    args = list(node.args)
+    if len(args) < 3 or args[2] != L or L < 2:
+        return False
+    a = node.target(*args, **node.kwargs)
+    args[2] = L + 1
+    b = node.target(*args, **node.kwargs)
+    return not torch.allclose(a, b[:L])
+
+
+def verify(cg: CapturedGraph, proposals: list[list[Region]], settings: Settings):
+    """Accepted mixers and rejections; for each seed the longest region that verifies wins."""
+    mixers: list[Mixer] = []
+    rejections: list[Rejection] = []
+    for alternatives in proposals:
+        reason = None
+        for region in reversed(alternatives):
+            try:
+                mixers.append(verify_region(cg, region, settings))
+                reason = None
+                break
+            except VerifyError as e:
+                reason = reason or str(e)
+        if reason is not None:
+            rejections.append(Rejection(alternatives[0].seed, reason))
+    return mixers, rejections
