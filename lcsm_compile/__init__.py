@@ -8,14 +8,11 @@
 from __future__ import annotations
 
 from .ops import causal_conv, causal_conv_reference
+from .explain import ExplainReport, explain
+from .passes.pipeline import counters
 from .settings import Settings
 
 __version__ = "0.1.0"
-
-
-def explain(model, *example_inputs, **options):
-    """What the compiler finds in `model`: mixers it will rewrite, and what it cannot, with why."""
-    raise NotImplementedError("lcsm_compile.explain lands with the detection issue")
 
 
 def decoder(model, *example_inputs, max_len, **options):
@@ -34,7 +31,9 @@ def export_onnx(model, *example_inputs, out_dir, max_len, opset=18):
 
 
 __all__ = [
+    "ExplainReport",
     "Settings",
+    "counters",
     "causal_conv",
     "causal_conv_reference",
     "decoder",

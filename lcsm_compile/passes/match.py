@@ -57,7 +57,9 @@ def _u_candidates(x: fx.Node, through_views: bool) -> list[fx.Node]:
         x = _seq_inputs(x)[0]
         out.append(x)
     # A padded value is never the region's input: the pad belongs to the convolution.
-    return [n for n in out if n.target not in _PADS]
+    out = [n for n in out if n.target not in _PADS]
+    # Through views (einsum's permute/reshape), prefer the value in the model's own layout.
+    return out[::-1] if through_views else out
 
 
 def _same_layout(a: fx.Node, b: fx.Node) -> bool:
@@ -71,7 +73,7 @@ def _walk_to_shape(seed: fx.Node, u: fx.Node, limit: int = 16) -> tuple[fx.Node 
     """Follow the seed's single sequence user until the value has u's shape again."""
     x = seed
     for _ in range(limit):
-        if x is not seed and _same_layout(u, x):
+        if _same_layout(u, x):
             return x, None
         users = [n for n in x.users if n.op == "call_function"]
         if len(users) != 1:

@@ -95,7 +95,7 @@ def rewrite(cg: CapturedGraph, mixers: list[Mixer]) -> Counter:
     b = _Builder(cg.gm)
     consumed: set[fx.Node] = set()
     for i, mx in enumerate(mixers):
-        region_nodes = set(mx.fn.nodes)
+        region_nodes = set(mx.fn.dynamic)  # filter nodes may be shared (one positional table)
         if region_nodes & consumed:
             continue  # overlaps a region already rewritten
         consumed |= region_nodes

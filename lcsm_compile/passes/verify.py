@@ -21,7 +21,7 @@ from ..ops import causal_conv_reference
 from ..settings import Settings
 from .capture import CapturedGraph, sym_expr
 from .match import Rejection
-from .region import Region, RegionFunction, foreign_inputs
+from .region import Region, RegionFunction, depends_on, foreign_inputs
 
 __all__ = ["Mixer", "verify_region", "verify", "to_canonical", "from_canonical"]
 
@@ -103,6 +103,9 @@ def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixe
         from .region import describe_node  # noqa: PLC0415
 
         raise VerifyError(f"data-dependent filter: it reads another sequence value ({describe_node(foreign[0])})")
+    for node in cg.gm.graph.nodes:
+        if node.target is aten.flip.default and node.meta.get("lcsm_class") == "MIXING" and depends_on(region.u, node):
+            raise VerifyError("non-causal: flips the time axis (the convolution runs on time-reversed input)")
     fn = RegionFunction(cg, region)
     uval = region.u.meta["val"]
     shape = concrete_shape(uval)
