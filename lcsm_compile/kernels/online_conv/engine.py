@@ -1,0 +1,297 @@
+"""`OnlineConv`: exact online long convolution for the M mixers of a model (DESIGN.md §2).
+
+    eng = OnlineConv(filters, batch, max_len)        # filters (M, D, K)
+    y = eng.prefill(m, u)                            # u (B, D, P) -> y (B, D, P), for each m
+    for each new position:
+        y_t = eng.step(m, u_t)                       # (B, D) -> (B, D), for each m, in model order
+        eng.advance()                                # the tiles of all mixers, position += 1
+
+State, all preallocated: history X (M, B, D, L) in the state dtype, accumulators A (M, B, D, L)
+in fp32 (fp64 for fp64 state), filters h (M, D, min(K, L)) in the compute dtype, and the filter
+spectra G_U = rfft(h[1:2U], 2U) of the levels whose tiles go through FFTs (U > direct_max).
+
+Two backends with one schedule. "torch": plain torch ops indexed from the host (the CPU path;
+fp64 too). "triton" (default on CUDA; on CPU through TRITON_INTERPRET=1): the fused step kernel,
+direct tiles as one Triton launch for all mixers and channels, FFT tiles as torch.fft on the
+cached spectra between a Triton gather and scatter.
+
+CUDA graphs. In the Triton path no launch argument depends on the position: the position lives
+in the device tensor `pos` (int64: [0] position for the steps, [1] its copy for the tiles,
+[2] prompt length), the step reads pos[0] and copies it to pos[1], every tile launch reads
+pos[1] and writes pos[0] = t + 1. What changes with t is only *which* tile runs, one of
+`num_levels(max_len)` levels, and that the host knows without a sync. So:
+- `step(m, u_t, out=)` / `step_all(u, out=)` are replayable as they are (no host sync, no
+  allocation when `out` is given); a compiled step program captures them inside its graph;
+- `run_tiles(level)` is the device work of one level (pure, capturable); `tile_level()` says
+  which level runs now; `capture_graphs()` (graphs.py) captures one graph per level, after
+  which `advance()` replays them; `graphs.TokenGraphs` captures a whole token (a user step
+  function + the tiles) per level, for decode loops with one replay per token;
+- `advance(launch=False)` does only the host bookkeeping, for callers that replayed the tiles
+  inside their own graphs.
+Level-0 tiles (every other position) ride inside the step kernel (A[t+1] += h[1] u), so those
+positions cost one step launch plus the position update.
+
+Errors leave the state as it was: ValueError for bad arguments (shape, dtype, device, a prompt
+longer than max_len), RuntimeError for calls out of order (a step before prefill, past max_len,
+an advance before every mixer stepped, a prefill after decoding started).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import fft_tiles
+from .reference import compute_dtype
+from .schedule import DIRECT_MAX_TILE, DOT_MIN_TILE, level_at, num_levels, tile_at
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class OnlineConv:
+    def __init__(self, filters: Tensor, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, *, direct_max: int | None = None,
+                 backend: str = "auto", work_bytes: int = 1 << 29):
+        if not isinstance(filters, Tensor) or filters.dim() != 3 or filters.shape[-1] < 1:
+            raise ValueError(f"OnlineConv: filters must be a (M, D, K) tensor with K >= 1, got "
+                             f"{tuple(filters.shape) if isinstance(filters, Tensor) else type(filters)}")
+        if int(batch) < 1 or int(max_len) < 1:
+            raise ValueError(f"OnlineConv: batch and max_len must be >= 1, got {batch}, {max_len}")
+        self.dtype = dtype or filters.dtype
+        if self.dtype not in _FLOATS:
+            raise ValueError(f"OnlineConv: state dtype must be one of {_FLOATS}, got {self.dtype}")
+        self.device = torch.device(device) if device is not None else filters.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" and self.dtype != torch.float64 else "torch"
+        if backend not in ("torch", "triton") or (backend == "triton" and self.dtype == torch.float64):
+            raise ValueError(f"OnlineConv: backend must be 'torch' or 'triton' (no fp64), got {backend!r}")
+        self.backend = backend
+        self.M, self.D, K = filters.shape
+        self.B, self.max_len = int(batch), int(max_len)
+        self.cdtype = compute_dtype(self.dtype)
+        self.direct_max = DIRECT_MAX_TILE if direct_max is None else int(direct_max)
+        self.dot_min = DOT_MIN_TILE
+        self.work_bytes = work_bytes
+        self._interpret = self.device.type != "cuda"
+        self._fuse_level0 = backend == "triton" and self.direct_max >= 1
+
+        M, B, D, L = self.M, self.B, self.D, self.max_len
+        self.h = filters[..., : min(K, L)].to(device=self.device, dtype=self.cdtype).contiguous()
+        self.X = torch.zeros(M, B, D, L, dtype=self.dtype, device=self.device)
+        self.A = torch.zeros(M, B, D, L, dtype=self.cdtype, device=self.device)
+        self.n_levels = num_levels(L)
+        self.spectra: dict[int, Tensor] = {
+            k: fft_tiles.level_spectrum(self.h, 1 << k, work_bytes)
+            for k in range(self.n_levels) if (1 << k) > self.direct_max
+        }
+        self.pos = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._tile_graphs = None
+        self.reset()
+
+    # ---------------------------------------------------------------- host state
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def prompt_len(self) -> int | None:
+        return self._prompt_len
+
+    def reset(self) -> None:
+        """Back to before the prompt. Buffers are kept (and captured graphs stay valid)."""
+        self._position = 0
+        self._prompt_len: int | None = None
+        self._prefilled = [False] * self.M
+        self._stepped: set[int] = set()
+        self.pos.zero_()
+
+    def memory_elements(self) -> dict:
+        """Elements of decode state and spectra (a complex value counts 2), beyond the filters."""
+        spectra = sum(2 * G.numel() for G in self.spectra.values())
+        total = self.X.numel() + self.A.numel() + spectra
+        return {"history": self.X.numel(), "accumulators": self.A.numel(), "spectra": spectra,
+                "total": total, "per_MDL": total / (self.M * self.D * self.max_len)}
+
+    def _check_mixer(self, m) -> int:
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.M:
+            raise ValueError(f"OnlineConv: mixer index must be an int in [0, {self.M}), got {m!r}")
+        return m
+
+    def _check_tensor(self, name: str, x, shape: tuple, dtype: torch.dtype | None = None) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"OnlineConv: {name} must be a tensor, got {type(x).__name__}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"OnlineConv: {name} must have shape {shape}, got {tuple(x.shape)}")
+        if x.dtype != (dtype or self.dtype):
+            raise ValueError(f"OnlineConv: {name} must be {dtype or self.dtype}, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"OnlineConv: {name} must be on {self.device}, got {x.device}")
+
+    def _check_can_step(self, mixers) -> None:
+        missing = [m for m in mixers if not self._prefilled[m]]
+        if missing:
+            raise RuntimeError(f"OnlineConv: step before prefill for mixer(s) {missing}; call prefill(m, u) "
+                               "first (a prompt of length 0 starts an empty sequence)")
+        if self._position >= self.max_len:
+            raise RuntimeError(f"OnlineConv: step past max_len={self.max_len}")
+
+    # ---------------------------------------------------------------- prompt
+    def prefill(self, m: int, u: Tensor) -> Tensor:
+        """y (B, D, P) for the prompt u (B, D, P) of mixer m; A[m, ..., P:] gets its contribution."""
+        m = self._check_mixer(m)
+        P = u.shape[-1] if isinstance(u, Tensor) and u.dim() == 3 else -1
+        self._check_tensor("prefill input u", u, (self.B, self.D, max(P, 0)))
+        if P > self.max_len:
+            raise ValueError(f"OnlineConv: prompt of length {P} is longer than max_len={self.max_len}")
+        if self._prompt_len is not None:
+            if self._position != self._prompt_len or self._stepped:
+                raise RuntimeError("OnlineConv: prefill after decoding started; call reset() first")
+            if P != self._prompt_len:
+                raise ValueError(f"OnlineConv: every mixer's prompt must have length {self._prompt_len}, got {P}")
+        if P == 0:
+            y = u.clone()
+            self.A[m].zero_()
+        else:
+            full = fft_tiles.prompt_convolution(u, self.h[m], self.max_len, self.work_bytes)
+            y = full[..., :P].to(self.dtype)
+            self.A[m, ..., P:] = full[..., P:]
+            self.X[m, ..., :P] = u
+        if self._prompt_len is None:
+            self._prompt_len = self._position = P
+            self.pos.fill_(P)
+        self._prefilled[m] = True
+        return y
+
+    def prefill_all(self, u: Tensor) -> Tensor:
+        """prefill(m, u[m]) for every mixer: u (M, B, D, P) -> y (M, B, D, P)."""
+        if not isinstance(u, Tensor) or u.dim() != 4 or u.shape[0] != self.M:
+            raise ValueError(f"OnlineConv: prefill_all wants u of shape (M={self.M}, B, D, P)")
+        self._check_tensor("prefill input u", u, (self.M, self.B, self.D, u.shape[-1]))
+        return torch.stack([self.prefill(m, u[m]) for m in range(self.M)])
+
+    # ---------------------------------------------------------------- step
+    def step(self, m: int, u_t: Tensor, out: Tensor | None = None) -> Tensor:
+        """y_t (B, D) of mixer m at the current position; stores u_t (B, D) in the history."""
+        m = self._check_mixer(m)
+        self._check_tensor("step input u_t", u_t, (self.B, self.D))
+        if out is not None:
+            self._check_tensor("step output", out, (self.B, self.D))
+        self._check_can_step([m])
+        y = torch.empty_like(u_t) if out is None else out
+        self._step(u_t[None], y[None], m, 1)
+        self._stepped.add(m)
+        return y
+
+    def step_all(self, u: Tensor, out: Tensor | None = None) -> Tensor:
+        """step for every mixer in one launch: u (M, B, D) -> y (M, B, D). Only where the mixers'
+        inputs do not depend on each other's outputs (benchmarks, independent heads)."""
+        self._check_tensor("step_all input u", u, (self.M, self.B, self.D))
+        if out is not None:
+            self._check_tensor("step_all output", out, (self.M, self.B, self.D))
+        self._check_can_step(range(self.M))
+        y = torch.empty_like(u) if out is None else out
+        self._step(u, y, 0, self.M)
+        self._stepped.update(range(self.M))
+        return y
+
+    def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
+        if self.backend == "triton":
+            from .triton_step import launch_step  # noqa: PLC0415 - triton loads lazily
+
+            launch_step(u, y, self.X, self.A, self.h, self.pos, m0, n, self._fuse_level0, self._interpret)
+            return
+        t, ms = self._position, slice(m0, m0 + n)
+        self.X[ms, ..., t] = u
+        y.copy_(self.A[ms, ..., t] + self.h[ms, None, :, 0] * u.to(self.cdtype))
+
+    # ---------------------------------------------------------------- tiles
+    def tile_level(self) -> int:
+        """Level (log2 of the tile size) of the tiles after the current position's steps; -1: none."""
+        if self._prompt_len is None:
+            raise RuntimeError("OnlineConv: no prompt yet; call prefill first")
+        return level_at(self._position, self._prompt_len, self.max_len)
+
+    def advance(self, launch: bool = True, check: bool = True) -> None:
+        """Run the tiles of all mixers for the current position, then move to the next one.
+        launch=False: bookkeeping only (the tiles were replayed elsewhere). check=False: skip the
+        check that every mixer stepped (for steps replayed inside a caller's CUDA graph)."""
+        if not all(self._prefilled):
+            raise RuntimeError(f"OnlineConv: advance before prefill of mixer(s) "
+                               f"{[m for m in range(self.M) if not self._prefilled[m]]}")
+        if self._position >= self.max_len:
+            raise RuntimeError(f"OnlineConv: advance past max_len={self.max_len}")
+        if check and len(self._stepped) < self.M:
+            raise RuntimeError(f"OnlineConv: advance before mixer(s) "
+                               f"{sorted(set(range(self.M)) - self._stepped)} stepped at position {self._position}")
+        if launch:
+            level = self.tile_level()
+            if self._tile_graphs is not None:
+                self._tile_graphs[level].replay()
+            else:
+                self.run_tiles(level)
+        self._position += 1
+        self._stepped.clear()
+
+    def run_tiles(self, level: int) -> None:
+        """The device work of one tile level for all mixers. In the Triton path it reads the
+        position from `pos` and is capturable; the torch path indexes from the host position."""
+        if self.backend == "torch":
+            self._run_tiles_torch()
+            return
+        from . import triton_step, triton_tiles  # noqa: PLC0415 - triton loads lazily
+
+        if level < 0 or (level == 0 and self._fuse_level0):
+            triton_step.launch_advance_position(self.pos)
+            return
+        U = 1 << level
+        if U <= self.direct_max:
+            triton_tiles.launch_direct_tile(self.X, self.A, self.h, self.pos, U, self.dot_min, self._interpret)
+            return
+
+        def load(x_rows: Tensor) -> Tensor:
+            w = torch.empty(x_rows.shape[:-1] + (2 * U,), dtype=self.cdtype, device=self.device)
+            triton_tiles.launch_gather(x_rows, w, self.pos, U, self._interpret)
+            return w
+
+        def store(z: Tensor, a_rows: Tensor) -> None:
+            triton_tiles.launch_scatter(z, a_rows, self.pos, U, self._interpret)
+
+        fft_tiles.fft_tile(self.X, self.A, self.spectra[level], U, self.work_bytes, load, store)
+
+    def _run_tiles_torch(self) -> None:
+        tile = tile_at(self._position, self._prompt_len, self.max_len)
+        if tile is None:
+            return
+        U, src, dst = tile.size, tile.src, tile.dst
+        n = min(U, self.max_len - dst)
+        if U <= self.direct_max:
+            # T[p, j] = h[U + p - j]: lags 1 .. 2U-1 of a filter zero-padded to 2U taps.
+            taps = torch.nn.functional.pad(self.h[..., : 2 * U], (0, max(0, 2 * U - self.h.shape[-1])))
+            ar = torch.arange(U, device=self.device)
+            T = taps[..., U + ar[:, None] - ar[None, :]]  # (M, D, U, U)
+            block = self.X[..., src : src + U].to(self.cdtype)
+            self.A[..., dst : dst + n] += torch.einsum("mbdj,mdpj->mbdp", block, T)[..., :n]
+            return
+
+        def load(x_rows: Tensor) -> Tensor:
+            w = torch.zeros(x_rows.shape[:-1] + (2 * U,), dtype=self.cdtype, device=self.device)
+            w[..., :U] = x_rows[..., src : src + U]
+            return w
+
+        def store(z: Tensor, a_rows: Tensor) -> None:
+            a_rows[..., dst : dst + n] += z[..., U - 1 : U - 1 + n]
+
+        fft_tiles.fft_tile(self.X, self.A, self.spectra[tile.level], U, self.work_bytes, load, store)
+
+    def capture_graphs(self) -> None:
+        """Capture one CUDA graph per tile level; advance() then replays them (graphs.py)."""
+        from .graphs import capture_tile_graphs  # noqa: PLC0415
+
+        self._tile_graphs = capture_tile_graphs(self)
+
+    def __repr__(self) -> str:
+        return (f"OnlineConv(M={self.M}, D={self.D}, B={self.B}, max_len={self.max_len}, dtype={self.dtype}, "
+                f"backend={self.backend}, direct_max={self.direct_max}, position={self._position})")

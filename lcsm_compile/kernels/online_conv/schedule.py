@@ -1,0 +1,55 @@
+"""The Flash Inference tile schedule (DESIGN.md §2), as plain integer functions.
+
+After a prompt of length P, the step at position t is followed by one tile: with i = t + 1 - P
+and U = i & -i (the largest power of two dividing i), the inputs X[t+1-U : t+1] add their
+contribution to A[t+1 : t+1+U] (clipped at max_len). The tile's *level* is log2(U).
+
+Every pair (s, t') with P <= s < t' < max_len is covered by exactly one tile, run after step s
+and before step t'.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# Tiles of at most this many positions are direct block-Toeplitz products; larger ones are
+# FFTs on cached filter spectra. Chosen by measurement on an H100 (benchmarks/NOTES_online_conv.md).
+DIRECT_MAX_TILE = 64
+
+# Below this tile size the direct kernel uses scalar FMAs over a block of channels; from it up,
+# one tl.dot per channel (tl.dot needs every dimension >= 16).
+DOT_MIN_TILE = 16
+
+
+class Tile(NamedTuple):
+    src: int  # first input position of the block, X[src : src + size]
+    dst: int  # first output position, A[dst : dst + size]
+    size: int  # U, a power of two
+    level: int  # log2(U)
+
+
+def num_levels(max_len: int) -> int:
+    """How many tile levels a sequence of max_len positions can use (any prompt length)."""
+    return (max_len - 1).bit_length() if max_len >= 2 else 0
+
+
+def tile_at(t: int, prompt_len: int, max_len: int) -> Tile | None:
+    """The tile that runs after the step at position t, or None when it would write nothing."""
+    if t + 1 >= max_len:
+        return None
+    i = t + 1 - prompt_len
+    if i < 1:
+        raise ValueError(f"position {t} lies inside the prompt of length {prompt_len}")
+    size = i & -i
+    return Tile(src=t + 1 - size, dst=t + 1, size=size, level=size.bit_length() - 1)
+
+
+def level_at(t: int, prompt_len: int, max_len: int) -> int:
+    """The tile level after step t; -1 where no tile runs."""
+    tile = tile_at(t, prompt_len, max_len)
+    return -1 if tile is None else tile.level
+
+
+def level_frequencies(n_levels: int) -> list[float]:
+    """Fraction of steps that end with a tile of each level (1/2, 1/4, ...): the weights of a
+    per-token average cost over a long generation."""
+    return [2.0 ** -(k + 1) for k in range(n_levels)]
