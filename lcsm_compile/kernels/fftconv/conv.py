@@ -21,6 +21,8 @@ __all__ = ["fft_conv", "NotCovered", "SCRATCH_BYTES"]
 
 SCRATCH_BYTES = 1 << 31  # the outer stage's scratch per launch; larger problems go in channel chunks
 
+LAST_KERNEL: list = [None]  # the last launch's compiled kernel (registers, spills) for benchmarks
+
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
@@ -43,7 +45,8 @@ def _gate(t: Tensor | None, u: Tensor, name: str) -> Tensor | None:
 
 
 def fft_conv(u: Tensor, filt: Tensor | FilterSpectrum, *, skip: Tensor | None = None,
-             pre: Tensor | None = None, post: Tensor | None = None, plan: FFTPlan | None = None) -> Tensor:
+             pre: Tensor | None = None, post: Tensor | None = None, plan: FFTPlan | None = None,
+             out: Tensor | None = None) -> Tensor:
     """Causal conv of u (B, D, L) with h (D, K) or a prepared `FilterSpectrum`; y has u's dtype.
 
     fp32 / bf16 / fp16 inputs, fp32 accumulation. Raises NotCovered where no plan exists
@@ -81,7 +84,9 @@ def fft_conv(u: Tensor, filt: Tensor | FilterSpectrum, *, skip: Tensor | None = 
         if skip.numel() != D:
             raise ValueError(f"fft_conv: skip must have {D} values")
     tables = dft_tables(plan, dot_dtype(u.dtype), u.device)
-    y = torch.empty_like(u)
+    if out is not None and (out.shape != u.shape or out.dtype != u.dtype or not out.is_contiguous()):
+        raise ValueError("fft_conv: out must be a contiguous tensor like u")
+    y = torch.empty_like(u) if out is None else out
     if B == 0 or L == 0 or D == 0:
         return y
     op_dtype = dot_dtype(u.dtype)
@@ -93,7 +98,7 @@ def fft_conv(u: Tensor, filt: Tensor | FilterSpectrum, *, skip: Tensor | None = 
     dummy = u
     pairs = (B + 1) // 2
     if plan.r == 1:
-        fftconv_fused_kernel[(pairs, D)](
+        LAST_KERNEL[0] = fftconv_fused_kernel[(pairs, D)](
             u, y, spec.planes, skip if skip is not None else dummy, pre if pre is not None else dummy,
             post if post is not None else dummy, tables.f1, tables.f2, tables.tw,
             B, D, L, M1=plan.m1, M2=plan.m2, **consts)
@@ -110,7 +115,7 @@ def fft_conv(u: Tensor, filt: Tensor | FilterSpectrum, *, skip: Tensor | None = 
         grid = min(n_items, 2 * _num_sms(u.device)) if plan.persistent else n_items
         scratch = torch.empty(grid, 2, plan.r, plan.m, dtype=torch.float32, device=u.device)
         sl = slice(d0, d0 + dc)
-        fftconv_split_kernel[(grid,)](
+        LAST_KERNEL[0] = fftconv_split_kernel[(grid,)](
             u[:, sl], y[:, sl], spec.planes[sl], skip[sl] if skip is not None else dummy,
             pre[:, sl] if pre is not None else dummy, post[:, sl] if post is not None else dummy,
             tables.f1, tables.f2, tables.tw, tables.fr, tables.tw_outer, scratch,

@@ -103,7 +103,7 @@ def make_plan(n: int, *, r: int | None = None, m1: int | None = None, num_warps:
     if n < MIN_N or n > MAX_N or n & (n - 1):
         return None
     if r is None:
-        r = 1 if n <= 4096 else max(16, n // 4096)
+        r = 1 if n <= 4096 else min(MAX_R, max(16, n // 4096))
     m = n // r
     if m1 is None:
         m1, m2 = _split(m)
