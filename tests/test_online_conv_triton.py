@@ -1,0 +1,84 @@
+"""OnlineConv's Triton path: on CPU through TRITON_INTERPRET=1 (fp32/fp16, small grids), and
+on a GPU (bf16, CUDA graphs)."""
+import pytest
+import torch
+
+from lcsm_compile.kernels import OnlineConv
+from tests.test_online_conv import run_against_lazy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _data(M, B, D, L, K, seed, decay=64.0):
+    g = torch.Generator().manual_seed(seed)
+    filters = torch.randn(M, D, K, generator=g) * torch.exp(-torch.arange(K) / decay)
+    u = torch.randn(L, M, B, D, generator=g)
+    return filters.to(DEVICE), u.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "L, P, K, direct_max, all_at_once",
+    [
+        (45, 0, 30, 4, True),  # fused level 0, FMA tiles, cached + on-the-fly FFT levels
+        (45, 7, 100, 16, True),  # tl.dot tiles (U = 16)
+        (40, 1, 40, 0, True),  # every tile an FFT, no fused level 0
+        (33, 0, 1, 64, False),  # one-tap filter: no h[1], per-mixer step kernel
+        (37, 36, 37, 4, False),  # a prompt that leaves one step
+    ],
+)
+def test_triton_path_fp32_equals_lazy(L, P, K, direct_max, all_at_once):
+    filters, u = _data(2, 2, 3, L, K, seed=L + P + K)
+    eng = OnlineConv(filters, 2, L, direct_max=direct_max, backend="triton")
+    run_against_lazy(eng, filters.cpu(), u, P, tol=1e-5, all_at_once=all_at_once)
+
+
+def test_triton_path_fp16_state():
+    filters, u = _data(2, 1, 3, 40, 40, seed=5, decay=8.0)
+    u = u.half().float()
+    eng = OnlineConv(filters, 1, 40, dtype=torch.float16, direct_max=16, backend="triton")
+    assert eng.X.dtype == torch.float16 and eng.A.dtype == torch.float32
+    run_against_lazy(eng, filters.cpu(), u, 7, tol=2e-3, all_at_once=True)
+
+
+def test_triton_and_torch_paths_agree_on_the_state():
+    filters, u = _data(2, 2, 3, 48, 48, seed=6)
+    engs = [OnlineConv(filters, 2, 48, direct_max=8, backend=b) for b in ("torch", "triton")]
+    for eng in engs:
+        eng.prefill_all(u[:5].permute(1, 2, 3, 0).contiguous())
+        for t in range(5, 30):
+            eng.step_all(u[t])
+            eng.advance()
+    torch.testing.assert_close(engs[1].A[..., 30:], engs[0].A[..., 30:], rtol=1e-5, atol=1e-5)
+    assert int(engs[1].pos[0]) == 30 == engs[1].position
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_gpu_graphs_equal_lazy(dtype, tol):
+    from lcsm_compile.kernels.online_conv.graphs import TokenGraphs
+
+    M, B, D, L, P = 3, 2, 40, 300, 7
+    filters, u = _data(M, B, D, L, L, seed=7)
+    u = u.to(dtype).float()
+    eng = OnlineConv(filters, B, L, dtype=dtype)
+    eng.capture_graphs()  # advance() now replays
+    run_against_lazy(eng, filters.cpu(), u, P, tol=tol)
+    eng.reset()
+    u_buf = torch.empty(M, B, D, dtype=dtype, device=DEVICE)
+    y_buf = torch.empty_like(u_buf)
+    eng.prefill_all(u[:P].permute(1, 2, 3, 0).to(dtype).contiguous())
+    graphs = TokenGraphs(eng, lambda: eng.step_all(u_buf, out=y_buf))
+    from lcsm_compile.kernels.online_conv import LazyOnlineConv
+
+    lazy = LazyOnlineConv(filters.double(), B, L)
+    for m in range(M):
+        lazy.prefill(m, u[:P, m].permute(1, 2, 0).double())
+    for t in range(P, L):
+        u_buf.copy_(u[t].to(dtype))
+        graphs.replay()
+        for m in range(M):
+            ref = lazy.step(m, u[t, m].double())
+            err = ((y_buf[m].double() - ref).norm() / ref.norm()).item()
+            assert err <= tol, (t, m, err)
+        lazy.advance()
+    assert eng.position == L
