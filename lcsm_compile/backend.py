@@ -51,15 +51,6 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
     return gm.forward
 
 
-def _inner_compile_aten(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> Callable:
-    """Compile an ATen inference graph (already through aot_autograd) with the inner backend."""
-    if settings.inner_backend == "inductor":
-        from torch._inductor.compile_fx import compile_fx_inner  # noqa: PLC0415
-
-        return compile_fx_inner(gm, list(example_inputs))
-    return make_boxed_func(gm.forward)
-
-
 def _problems(report: CompileReport) -> str:
     return "; ".join(f"{u.node}: {u.reason}" for u in report.unsupported)
 
@@ -83,24 +74,45 @@ def lcsm_backend(
         _warn_once(message)
         return inner_compile(gm, example_inputs, settings)
 
-    def compile_aten(aten_gm: fx.GraphModule, aten_inputs: Sequence[Any]) -> Callable:
-        try:
-            # aot_autograd calls us inside its fake mode; the verifier's probes are real tensors.
-            with unset_fake_temporarily():
-                cg = describe_inputs(gm, example_inputs, aten_gm, settings.seq_dim)
-                report = run_pipeline(cg, settings)
-        except Exception as e:
-            if settings.strict:
-                raise LcsmCompileError(f"lcsm: cannot compile this graph: {e}") from e
-            _warn_once(f"lcsm: graph left unchanged: {type(e).__name__}: {e}")
-            return _inner_compile_aten(aten_gm, aten_inputs, settings)
-        for listener in list(report_listeners):
-            listener(report, cg)
-        if report.unsupported:
-            message = f"lcsm: left unchanged: {_problems(report)}"
-            if settings.strict:
-                raise LcsmCompileError(message)
-            _warn_once(message)
-        return _inner_compile_aten(aten_gm, aten_inputs, settings)
+    try:
+        aten_gm = capture_aten(gm, example_inputs)
+        # aot_autograd calls compilers inside its fake mode; the verifier's probes are real tensors.
+        with unset_fake_temporarily():
+            cg = describe_inputs(gm, example_inputs, aten_gm, settings.seq_dim)
+            report = run_pipeline(cg, settings)
+    except Exception as e:
+        if settings.strict:
+            raise LcsmCompileError(f"lcsm: cannot compile this graph: {e}") from e
+        _warn_once(f"lcsm: graph left unchanged: {type(e).__name__}: {e}")
+        return inner_compile(gm, example_inputs, settings)
+    for listener in list(report_listeners):
+        listener(report, cg)
+    if report.unsupported:
+        message = f"lcsm: left unchanged: {_problems(report)}"
+        if settings.strict:
+            raise LcsmCompileError(message)
+        _warn_once(message)
+    if not report.rewrites:
+        return inner_compile(gm, example_inputs, settings)
+    # The rewritten ATen graph takes the same flat inputs as the dynamo graph; the inner compiler
+    # treats it like any dynamo graph (inductor lifts the folded filters as constants).
+    return inner_compile(cg.gm, example_inputs, settings)
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=compile_aten, inference_compiler=compile_aten)
+
+def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """The dynamo graph as a functional ATen inference graph with the same flat inputs/outputs."""
+    captured: list[fx.GraphModule] = []
+
+    def keep(aten_gm: fx.GraphModule, _inputs):
+        captured.append(aten_gm)
+        return make_boxed_func(aten_gm.forward)
+
+    with torch.no_grad():
+        aot_module_simplified(gm, list(example_inputs), fw_compiler=keep, inference_compiler=keep)
+    (aten_gm,) = captured
+    n_out = len(next(iter(gm.graph.find_nodes(op="output"))).args[0])
+    n_aten = len(next(iter(aten_gm.graph.find_nodes(op="output"))).args[0])
+    if n_out != n_aten:
+        # Functionalized input mutations come back as extra outputs that aot's runtime applies.
+        raise RuntimeError("the graph mutates its inputs (extra functional outputs); not rewritten")
+    return aten_gm

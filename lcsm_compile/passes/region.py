@@ -151,6 +151,9 @@ class RegionFunction:
                 for node in self.constant:
                     env[node] = self._run(node, env)
             self.constant_evaluations += 1
+            from .pipeline import counters  # noqa: PLC0415 - pipeline imports this module
+
+            counters["filter"]["evaluations"] += 1
             self._cache[key] = env
         return self._cache[key]
 
