@@ -8,7 +8,9 @@
 
 State, all preallocated: history X (M, B, D, L) in the state dtype, accumulators A (M, B, D, L)
 in fp32 (fp64 for fp64 state), filters h (M, D, min(K, L)) in the compute dtype, and the filter
-spectra G_U = rfft(h[1:2U], 2U) of the levels whose tiles go through FFTs (U > direct_max).
+spectra G_U = rfft(h[1:2U], 2U) of the levels whose tiles go through FFTs (U > direct_max),
+except the top levels (4U > max_len), which run at most twice per sequence and transform the
+filter when they run: state + spectra stay under 3 * M * D * max_len elements for B = 1.
 
 Two backends with one schedule. "torch": plain torch ops indexed from the host (the CPU path;
 fp64 too). "triton" (default on CUDA; on CPU through TRITON_INTERPRET=1): the fused step kernel,
@@ -85,7 +87,7 @@ class OnlineConv:
         self.n_levels = num_levels(L)
         self.spectra: dict[int, Tensor] = {
             k: fft_tiles.level_spectrum(self.h, 1 << k, work_bytes)
-            for k in range(self.n_levels) if (1 << k) > self.direct_max
+            for k in range(self.n_levels) if fft_tiles.cached_level(1 << k, L, self.direct_max)
         }
         self.pos = torch.zeros(3, dtype=torch.int64, device=self.device)
         self._tile_graphs = None
@@ -259,7 +261,14 @@ class OnlineConv:
         def store(z: Tensor, a_rows: Tensor) -> None:
             triton_tiles.launch_scatter(z, a_rows, self.pos, U, self._interpret)
 
-        fft_tiles.fft_tile(self.X, self.A, self.spectra[level], U, self.work_bytes, load, store)
+        fft_tiles.fft_tile(self.X, self.A, self._spectrum(level), U, self.work_bytes, load, store)
+
+    def _spectrum(self, level: int):
+        # mixers -> G_U, from the cache or (levels that run at most twice) from the filters
+        G = self.spectra.get(level)
+        if G is not None:
+            return lambda mi: G[mi]
+        return lambda mi: fft_tiles.rows_spectrum(self.h[mi], 1 << level)
 
     def _run_tiles_torch(self) -> None:
         tile = tile_at(self._position, self._prompt_len, self.max_len)
@@ -284,7 +293,7 @@ class OnlineConv:
         def store(z: Tensor, a_rows: Tensor) -> None:
             a_rows[..., dst : dst + n] += z[..., U - 1 : U - 1 + n]
 
-        fft_tiles.fft_tile(self.X, self.A, self.spectra[tile.level], U, self.work_bytes, load, store)
+        fft_tiles.fft_tile(self.X, self.A, self._spectrum(tile.level), U, self.work_bytes, load, store)
 
     def capture_graphs(self) -> None:
         """Capture one CUDA graph per tile level; advance() then replays them (graphs.py)."""

@@ -22,13 +22,25 @@ def complex_dtype(real: torch.dtype) -> torch.dtype:
 def level_spectrum(h: Tensor, U: int, work_bytes: int) -> Tensor:
     """G_U = rfft(h[..., 1:2U], 2U): (M, D, U + 1) complex, zero taps past the filter's end."""
     M, D, KH = h.shape
-    G = torch.zeros(M, D, U + 1, dtype=complex_dtype(h.dtype), device=h.device)
-    if KH <= 1:
-        return G
+    G = torch.empty(M, D, U + 1, dtype=complex_dtype(h.dtype), device=h.device)
     step = max(1, work_bytes // max(1, D * 2 * U * 8 * 3))
     for m0 in range(0, M, step):
-        G[m0 : m0 + step] = torch.fft.rfft(h[m0 : m0 + step, :, 1 : 2 * U], n=2 * U)
+        G[m0 : m0 + step] = rows_spectrum(h[m0 : m0 + step], U)
     return G
+
+
+def rows_spectrum(h: Tensor, U: int) -> Tensor:
+    """rfft(h[..., 1:2U], 2U) for any leading shape; all zeros for a one-tap filter."""
+    if h.shape[-1] <= 1:
+        return torch.zeros(h.shape[:-1] + (U + 1,), dtype=complex_dtype(h.dtype), device=h.device)
+    return torch.fft.rfft(h[..., 1 : 2 * U], n=2 * U)
+
+
+def cached_level(U: int, max_len: int, direct_max: int) -> bool:
+    """Whether the spectrum of tiles of size U is kept. Tiles with 4U > max_len run at most
+    twice in a whole generation: their spectra are computed when they run, which keeps
+    state + spectra under 3 * M * D * max_len elements for any max_len (B = 1)."""
+    return direct_max < U and 4 * U <= max_len
 
 
 def row_chunks(M: int, B: int, D: int, U: int, itemsize: int, work_bytes: int) -> Iterator[tuple]:
@@ -45,22 +57,19 @@ def row_chunks(M: int, B: int, D: int, U: int, itemsize: int, work_bytes: int) -
                 yield m, slice(b0, b0 + step)
 
 
-def _spectrum_rows(G: Tensor, mi) -> Tensor:
-    # G (M, D, U+1) against rows (m, B, D) [mi a slice] or (b, D) [mi an int].
-    return G[mi][:, None] if isinstance(mi, slice) else G[mi]
-
-
-def fft_tile(X: Tensor, A: Tensor, G: Tensor, U: int, work_bytes: int,
+def fft_tile(X: Tensor, A: Tensor, spectrum: Callable[[object], Tensor], U: int, work_bytes: int,
              load: Callable[[Tensor], Tensor], store: Callable[[Tensor, Tensor], None]) -> None:
-    """One tile of size U for all mixers. `load(x_rows)` returns the block, zero-padded to 2U in
-    the compute dtype; `store(z, a_rows)` adds z[..., U-1 : 2U-1] into the accumulators.
-    Host-indexed (torch path) or device-indexed (Triton gather/scatter) by the caller."""
+    """One tile of size U for all mixers. `spectrum(mi)` gives G_U for mixers mi (an int or a
+    slice); `load(x_rows)` returns the block, zero-padded to 2U in the compute dtype;
+    `store(z, a_rows)` adds z[..., U-1 : 2U-1] into the accumulators. Host-indexed (torch path)
+    or device-indexed (Triton gather/scatter) by the caller."""
     M, B, D, _ = X.shape
     itemsize = A.element_size()
     for mi, bi in row_chunks(M, B, D, U, itemsize, work_bytes):
         w = load(X[mi, bi])
         f = torch.fft.rfft(w)
-        f.mul_(_spectrum_rows(G, mi))
+        G = spectrum(mi)
+        f.mul_(G[:, None] if isinstance(mi, slice) else G)  # rows (m, b, D) or (b, D)
         store(torch.fft.irfft(f, n=2 * U), A[mi, bi])
 
 

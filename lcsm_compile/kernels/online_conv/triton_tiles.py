@@ -11,7 +11,7 @@ T[p, j] = h[U + p - j] is Toeplitz, gathered from the filter (an L1-resident win
 - `_tile_dot_kernel`, U >= 16: per channel, acc (batch x positions) += X_blk @ T^T with tl.dot
   (fp32 accumulation; tf32 inputs for half-precision state, exact fp32 for fp32 state).
 - `_gather_kernel` / `_scatter_kernel`: the device-indexed halves of an FFT tile: copy
-  X[..., t+1-U : t+1] into a zero-padded fp32 workspace of length 2U for torch.fft, and add
+  X[..., t+1-U : t+1] into a zero-padded fp32 workspace (U a runtime argument: one compile) of length 2U for torch.fft, and add
   z[..., U-1 : 2U-1] back into A[..., t+1 : t+1+U].
 
 Every tile launch writes pos[0] = t + 1 (its program 0), so the next steps see the new position.
@@ -89,7 +89,7 @@ def _tile_dot_kernel(
 
 
 @triton.jit
-def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr):
+def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.constexpr):
     i_r = tl.program_id(0)
     i_j = tl.program_id(1)
     t = tl.load(pos_ptr + 1)
@@ -102,7 +102,7 @@ def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U: tl.constexpr, BR: tl.constexp
 
 
 @triton.jit
-def _scatter_kernel(z_ptr, a_ptr, pos_ptr, R, L, U: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr):
+def _scatter_kernel(z_ptr, a_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.constexpr):
     i_r = tl.program_id(0)
     i_j = tl.program_id(1)
     t = tl.load(pos_ptr + 1)
@@ -148,7 +148,7 @@ def launch_gather(x_rows: Tensor, w: Tensor, pos: Tensor, U: int, interpret: boo
     L = x_rows.shape[-1]
     R = x_rows.numel() // L
     br, bj, grid = _row_block(R, U, interpret)
-    _gather_kernel[grid](x_rows, w, pos, R, L, U=U, BR=br, BJ=bj, num_warps=4)
+    _gather_kernel[grid](x_rows, w, pos, R, L, U, BR=br, BJ=bj, num_warps=4)
 
 
 def launch_scatter(z: Tensor, a_rows: Tensor, pos: Tensor, U: int, interpret: bool) -> None:
@@ -157,4 +157,4 @@ def launch_scatter(z: Tensor, a_rows: Tensor, pos: Tensor, U: int, interpret: bo
     R = a_rows.numel() // L
     br, bj, grid = _row_block(R, U, interpret)
     grid = (grid[0], triton.cdiv(U, bj))
-    _scatter_kernel[grid](z, a_rows, pos, R, L, U=U, BR=br, BJ=bj, num_warps=4)
+    _scatter_kernel[grid](z, a_rows, pos, R, L, U, BR=br, BJ=bj, num_warps=4)

@@ -1,0 +1,475 @@
+"""Decode benchmark of the online convolution engine (issue 4): lazy vs eager vs OnlineConv.
+
+    python benchmarks/online_conv.py                 # GPU: M=18, D=864, B in {1, 8}, L = 2^10 ..
+    python benchmarks/online_conv.py --smoke         # CPU, tiny sizes: exercises the script only
+
+Per sequence length L, the cost per token averaged over a whole generation of L tokens:
+- ours: OnlineConv, bf16 state, every token one CUDA graph replay (step of all M mixers + the
+  position's tiles), timed over the full generation with CUDA events, two ways: through the
+  engine API (TokenGraphs.replay, with its host bookkeeping) and as a tight replay loop;
+- lazy: y[t] = sum_{s<=t} h[t-s] x[s] for all mixers in one batched product (bmm, or mul+sum,
+  whichever is faster), CUDA-graphed at fixed t; its cost is linear in t, so the average over a
+  generation is the mean over t = L/4, L/2, 3L/4;
+- eager: A[t+1:] += h[1:L-t] u[t] (fp32 accumulators), CUDA-graphed at the same t.
+Correctness first: every y_t of a bf16 and an fp32 run against an fp64 reference, and in each
+timed configuration y at a few positions against a reference computed from the history.
+Writes benchmarks/results/online_conv_<device>.json and .png (or under $OUT when set).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # --smoke on CPU: Triton kernels through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcsm_compile.kernels import OnlineConv  # noqa: E402
+from lcsm_compile.kernels.online_conv.schedule import level_at, level_frequencies  # noqa: E402
+from lcsm_compile.ops import causal_conv_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+SDT = torch.bfloat16 if CUDA else torch.float32  # bf16 is wrong in the Triton interpreter
+BACKEND = "triton"  # the engine's GPU path; on CPU (--smoke) the same kernels, interpreted
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def filters_for(M, D, L, seed=0):
+    """Random decaying filters (Hyena-like), fp32, on the device; never zeros."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    t = torch.arange(L, device=DEV, dtype=torch.float32)
+    decay = torch.exp(-t[None, :] / (8.0 + torch.rand(D, 1, device=DEV, generator=g) * L / 4))
+    out = torch.empty(M, D, L, device=DEV)
+    for m in range(M):
+        out[m] = torch.randn(D, L, device=DEV, generator=g) * decay / (1 + t / 16).sqrt()
+    return out
+
+
+# ------------------------------------------------------------------ timing helpers
+class Runner:
+    """One token per replay(): CUDA graphs on a GPU, the eager engine API on CPU."""
+
+    def __init__(self, eng, fn):
+        self.eng, self.fn = eng, fn
+        if CUDA:
+            from lcsm_compile.kernels.online_conv.graphs import TokenGraphs
+
+            self.tg = TokenGraphs(eng, fn)
+
+    def replay(self):
+        if CUDA:
+            self.tg.replay()
+        else:
+            self.fn()
+            self.eng.advance(check=False)
+
+    def tight(self, levels):
+        """Replay a precomputed level sequence with no engine bookkeeping (host position stale)."""
+        if not CUDA:
+            for _ in levels:
+                self.replay()
+            return
+        graphs = self.tg.graphs
+        for lv in levels:
+            graphs[lv].replay()
+
+
+def elapsed(fn):
+    """Seconds of device time for fn() (events on CUDA)."""
+    if CUDA:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def graph_time(fn, reps=20, outer=5):
+    """Median seconds per fn() call, fn captured `reps` times in one CUDA graph (no launch gaps
+    from the host), warm-up excluded."""
+    if not CUDA:
+        fn()
+        return statistics.median(elapsed(fn) for _ in range(2))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    times = [elapsed(g.replay) / reps for _ in range(outer)]
+    del g
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ correctness
+def check_every_step(dtype, M, D, B, L, P, direct_max, tol, mode):
+    """Every prefill output and every y_t against an fp64 FFT convolution. mode: "token_graphs"
+    (TokenGraphs, step_all), "tile_graphs" (step per mixer, advance() replays tile graphs),
+    "eager" (step per mixer, advance() launches)."""
+    from lcsm_compile.ops import causal_conv_fft
+
+    h = filters_for(M, D, L, seed=1)
+    u = torch.randn(L, M, B, D, device=DEV).to(dtype)
+    eng = OnlineConv(h, B, L, dtype=dtype, direct_max=direct_max, backend=BACKEND)
+    if mode == "tile_graphs" and CUDA:
+        eng.capture_graphs()
+    y_pre = eng.prefill_all(u[:P].permute(1, 2, 3, 0).contiguous())
+    u_buf = torch.empty(M, B, D, dtype=dtype, device=DEV)
+    y_buf = torch.empty_like(u_buf)
+    run = Runner(eng, lambda: eng.step_all(u_buf, out=y_buf)) if mode == "token_graphs" else None
+    ys = torch.full((L, M, B, D), float("nan"), dtype=dtype, device=DEV)
+    for t in range(P, L):
+        if run is not None:
+            u_buf.copy_(u[t])
+            run.replay()
+            ys[t] = y_buf
+        else:
+            for m in range(M):
+                ys[t, m] = eng.step(m, u[t, m])
+            eng.advance()
+    worst = 0.0
+    for m in range(M):
+        ref = causal_conv_fft(u[:, m].permute(1, 2, 0).double(), h[m].double())  # (B, D, L)
+        if P:
+            worst = max(worst, rel(y_pre[m], ref[..., :P]))
+        got = ys[P:, m].permute(1, 2, 0).double()
+        err_t = (got - ref[..., P:]).norm(dim=(0, 1)) / ref[..., P:].norm(dim=(0, 1)).clamp_min(1e-300)
+        worst = max(worst, err_t.max().item())
+    ok = worst <= tol and not ys[P:].isnan().any().item() and eng.position == L
+    log(f"  check {str(dtype):15s} {mode:12s} M={M} D={D} B={B} L={L} P={P} direct_max={eng.direct_max}: "
+        f"worst relative error over all y_t {worst:.2e} (tol {tol:.0e}) {'OK' if ok else 'FAIL'}")
+    return {"dtype": str(dtype), "mode": mode, "M": M, "D": D, "B": B, "L": L, "P": P,
+            "direct_max": eng.direct_max, "worst_rel_err": worst, "tol": tol, "ok": ok}
+
+
+def check_from_history(eng, saved, tol):
+    """y at saved positions against sum_s h[t-s] X[s] computed from the engine's history."""
+    worst = 0.0
+    for t, y in saved.items():
+        for m in range(eng.M):
+            ref = (eng.X[m, ..., : t + 1].float() * eng.h[m, :, : t + 1].flip(-1)).sum(-1)
+            worst = max(worst, rel(y[m], ref))
+    return worst
+
+
+# ------------------------------------------------------------------ per-level costs
+def level_costs(eng, levels, reps=20):
+    """Device seconds of run_tiles(level) per level, at a mid-sequence position (the tiles read
+    pos[1] and write pos[0], so repeating them in place is safe)."""
+    L = eng.max_len
+    out = {}
+    for lv in levels:
+        U = 1 << max(lv, 0)
+        t = max(L // 2 - 1, U - 1)
+        eng.pos.copy_(torch.tensor([t, t, 0]))
+        big = U > 4096
+        out[lv] = graph_time(lambda lv=lv: eng.run_tiles(lv), reps=2 if big else reps, outer=3 if big else 5)
+    eng.reset()
+    return out
+
+
+def crossover(M, D, B, L, max_direct=512):
+    """Direct vs FFT tile time per tile size; the crossover is the largest U up to which the
+    direct kernel is never slower."""
+    h = filters_for(M, D, L, seed=2)
+    eng_d = OnlineConv(h, B, L, dtype=SDT, direct_max=1 << 30, backend=BACKEND)
+    eng_d.X.normal_()
+    rows, direct_max = [], 0
+    n_levels = min(eng_d.n_levels, 11)
+    direct = level_costs(eng_d, [k for k in range(1, n_levels) if (1 << k) <= max_direct])
+    del eng_d
+    eng_f = OnlineConv(h, B, L, dtype=SDT, direct_max=0, backend=BACKEND)
+    eng_f.X.normal_()
+    fft = level_costs(eng_f, list(range(n_levels)))
+    del eng_f
+    still_direct = True
+    for k in range(n_levels):
+        U = 1 << k
+        d, f = direct.get(k), fft[k]
+        if k >= 1 and still_direct and d is not None and d <= f:
+            direct_max = U
+        else:
+            still_direct = still_direct and k == 0
+        rows.append({"U": U, "direct_us": None if d is None else d * 1e6, "fft_us": f * 1e6})
+        log(f"  U={U:5d}  direct {'-' if d is None else f'{d * 1e6:8.1f}'} us   fft {f * 1e6:8.1f} us")
+    return max(direct_max, 1), rows
+
+
+# ------------------------------------------------------------------ baselines
+def lazy_cost(M, D, B, L, samples):
+    C = M * D
+    X = torch.randn(C, B, L, device=DEV, dtype=SDT)
+    hrev = torch.randn(C, L, device=DEV, dtype=SDT)
+    u = torch.randn(C, B, device=DEV, dtype=SDT)
+    best = {}
+    for t in samples:
+        def bmm_step(t=t):
+            X[:, :, t] = u
+            return torch.bmm(X[:, :, : t + 1], hrev[:, L - 1 - t :, None])
+
+        def sum_step(t=t):
+            X[:, :, t] = u
+            return (X[:, :, : t + 1] * hrev[:, None, L - 1 - t :]).sum(-1, dtype=torch.float32)
+
+        times = {"bmm": graph_time(bmm_step, reps=3, outer=3), "mul_sum": graph_time(sum_step, reps=3, outer=3)}
+        best[t] = min(times.values())
+        log(f"    lazy t={t}: " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in times.items()))
+    del X, hrev
+    return statistics.mean(best.values())
+
+
+def eager_cost(M, D, B, L, samples):
+    C = M * D
+    A = torch.randn(C, B, L, device=DEV)
+    h = torch.randn(C, L, device=DEV, dtype=SDT)
+    u = torch.randn(C, B, device=DEV)
+    times = []
+    for t in samples:
+        def step(t=t):
+            y = A[:, :, t] + h[:, None, 0] * u
+            A[:, :, t + 1 :].addcmul_(u[:, :, None], h[:, None, 1 : L - t])
+            return y
+
+        times.append(graph_time(step, reps=3, outer=3))
+    del A, h
+    return statistics.mean(times)
+
+
+# ------------------------------------------------------------------ ours
+def ours_cost(M, D, B, L, direct_max, check_positions, breakdown):
+    h = filters_for(M, D, L, seed=3)
+    eng = OnlineConv(h, B, L, dtype=SDT, direct_max=direct_max, backend=BACKEND)
+    mem = eng.memory_elements()
+    res = {"memory_elements": mem}
+    u_buf = torch.randn(M, B, D, device=DEV, dtype=SDT)
+    y_buf = torch.empty_like(u_buf)
+    # 1. correctness at this size: a bank of random inputs, picked on the device by position
+    bank = torch.randn(61, M, B, D, device=DEV, dtype=SDT)
+
+    def step_varying():
+        u_buf.copy_(bank.index_select(0, eng.pos[:1] % bank.shape[0])[0])
+        eng.step_all(u_buf, out=y_buf)
+
+    eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
+    run = Runner(eng, step_varying)
+    saved = {}
+    for t in range(L):
+        run.replay()
+        if t in check_positions:
+            saved[t] = y_buf.clone()
+    res["check_rel_err"] = check_from_history(eng, saved, 1e-2)
+    res["check_history_ok"] = all(torch.equal(eng.X[..., t], bank[t % bank.shape[0]])
+                                  for t in check_positions)
+    del run
+    # 2. timing: the mixer alone (a fixed random input buffer), whole generation of L tokens
+    run = Runner(eng, lambda: eng.step_all(u_buf, out=y_buf))
+    levels = [level_at(t, 0, L) for t in range(L)]
+    api, tight = [], []
+    for _ in range(2 if L <= 1 << 14 else 1):
+        eng.reset()
+        eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
+        sync()
+        api.append(elapsed(lambda: [run.replay() for _ in range(L)]) / L)
+        eng.reset()
+        eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
+        sync()
+        tight.append(elapsed(lambda: run.tight(levels)) / L)
+    res["us_per_token_api"] = min(api) * 1e6
+    res["us_per_token_tight"] = min(tight) * 1e6
+    del run
+    if breakdown:
+        eng.reset()
+        eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
+        eng.pos.copy_(torch.tensor([L // 2, L // 2, 0]))
+        step_all = graph_time(lambda: eng.step_all(u_buf, out=y_buf))
+        step_each = graph_time(lambda: [eng.step(m, u_buf[m], out=y_buf[m]) for m in range(M)], reps=5)
+        eng._stepped.clear()
+        costs = level_costs(eng, list(range(eng.n_levels)))
+        freqs = level_frequencies(eng.n_levels)
+        model = step_all + sum(f * costs[k] for k, f in enumerate(freqs))
+        res["breakdown_us"] = {"step_all": step_all * 1e6, "step_per_mixer_x_M": step_each * 1e6,
+                               "tiles_by_level": {str(1 << k): v * 1e6 for k, v in costs.items()},
+                               "model_us_per_token": model * 1e6}
+    del eng
+    return res
+
+
+def device_slug():
+    if not CUDA:
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for key in ("h100", "h200", "a100", "l40", "4090"):
+        if key in name:
+            return key
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def plot(results, path, device=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    styles = {1: "-", 8: "--"}
+    for B, rows in results.items():
+        Ls = [r["L"] for r in rows]
+        for key, label, color in (("lazy_us", "lazy", "tab:red"), ("eager_us", "eager", "tab:orange"),
+                                  ("ours_us", "ours (OnlineConv, CUDA graphs)", "tab:blue")):
+            pts = [(r["L"], r[key]) for r in rows if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), styles.get(B, ":"), marker="o", color=color, label=f"{label}, B={B}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L (tokens generated)")
+    ax.set_ylabel("µs per token (mean over the generation)")
+    ax.set_title(f"Online long convolution decode, M=18 mixers, D=864, bf16\n{device or device_slug()}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU): exercise the script")
+    ap.add_argument("--max-log2", type=int, default=18)
+    ap.add_argument("--direct-max", type=int, default=None, help="skip the crossover measurement")
+    ap.add_argument("--plot", type=Path, default=None, help="only redraw the PNG from a results JSON")
+    args = ap.parse_args()
+    if args.plot:
+        data = json.loads(args.plot.read_text())
+        plot({int(b): rows for b, rows in data["results"].items()}, args.plot.with_suffix(".png"), data["device"])
+        return
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        M, D, Bs, logs, big = 2, 8, (1, 2), {1: range(5, 8), 2: range(5, 7)}, 64
+    else:
+        M, D, Bs, big = 18, 864, (1, 8), 1000
+        logs = {1: range(10, args.max_log2 + 1), 8: range(10, min(args.max_log2, 16) + 1)}
+    info = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "M": M, "D": D, "state_dtype": str(SDT), "smoke": args.smoke}
+    log(f"online_conv benchmark on {info['device']}, torch {info['torch']}, triton {info['triton']}")
+    report = {**info, "checks": [], "crossover": None, "results": {}}
+
+    log("== correctness: every y_t against fp64 ==")
+    half_tol = 1e-2 if SDT == torch.bfloat16 else 1e-5
+    checks = [(SDT, half_tol, 100, None, "token_graphs", big), (SDT, half_tol, 1, None, "eager", big // 4),
+              (torch.float32, 1e-5, 0, 0, "tile_graphs", big // 4), (torch.float32, 1e-5, 7, 1 << 30, "token_graphs", big),
+              (torch.float32, 1e-5, 100, None, "token_graphs", big)]
+    for dtype, tol, P, dm, mode, L in checks:
+        try:
+            report["checks"].append(check_every_step(dtype, M, D, 2, L + 37, P, dm, tol, mode))
+        except Exception:
+            traceback.print_exc()
+            report["checks"].append({"dtype": str(dtype), "P": P, "mode": mode, "ok": False,
+                                     "error": traceback.format_exc()[-500:]})
+
+    direct_max = args.direct_max
+    if direct_max is None:
+        log("== crossover: direct (Triton) vs FFT (torch.fft) tile, M=%d D=%d B=1 ==" % (M, D))
+        try:
+            direct_max, rows = crossover(M, D, 1, 64 if args.smoke else 8192, max_direct=8 if args.smoke else 512)
+            report["crossover"] = {"B": 1, "direct_max": direct_max, "rows": rows}
+            log(f"  -> direct tiles up to U = {direct_max}")
+            log("== crossover, B=8 (recorded, not used) ==")
+            dm8, rows8 = crossover(M, D, max(Bs), 64 if args.smoke else 8192, max_direct=8 if args.smoke else 256)
+            report["crossover_B%d" % max(Bs)] = {"B": max(Bs), "direct_max": dm8, "rows": rows8}
+        except Exception:
+            traceback.print_exc()
+            direct_max = None
+    report["direct_max"] = direct_max
+
+    for B in Bs:
+        rows = report["results"][B] = []
+        for lg in logs[B]:
+            L = 1 << lg
+            row = {"L": L}
+            log(f"== B={B} L={L} ==")
+            samples = [L // 4, L // 2, 3 * L // 4]
+            try:
+                res = ours_cost(M, D, B, L, direct_max, {L // 3, L // 2 + 1, L - 1}, breakdown=lg == max(logs[B]))
+                row.update(res)
+                row["ours_us"] = res["us_per_token_api"]
+                log(f"  ours: {res['us_per_token_api']:.2f} us/token (api), {res['us_per_token_tight']:.2f} (tight); "
+                    f"check {res['check_rel_err']:.1e} hist {res['check_history_ok']}; "
+                    f"state+spectra {res['memory_elements']['per_MDL']:.3f} x MDL")
+                if "breakdown_us" in res:
+                    log(f"  breakdown: {json.dumps(res['breakdown_us'])}")
+            except Exception:
+                traceback.print_exc()
+            torch.cuda.empty_cache() if CUDA else None
+            for name, fn in (("lazy_us", lazy_cost), ("eager_us", eager_cost)):
+                try:
+                    row[name] = fn(M, D, B, L, samples) * 1e6
+                    log(f"  {name[:-3]}: {row[name]:.1f} us/token")
+                except Exception:
+                    traceback.print_exc()
+                torch.cuda.empty_cache() if CUDA else None
+            if row.get("ours_us") and row.get("lazy_us"):
+                row["lazy_over_ours"] = row["lazy_us"] / row["ours_us"]
+            if row.get("ours_us") and row.get("eager_us"):
+                row["eager_over_ours"] = row["eager_us"] / row["ours_us"]
+            rows.append(row)
+            (out_dir / f"online_conv_{device_slug()}.json").write_text(json.dumps(report, indent=1, default=str))
+
+    for B, rows in report["results"].items():
+        ours = {r["L"]: r["ours_us"] for r in rows if r.get("ours_us")}
+        if (1 << 12) in ours and (1 << 17) in ours:
+            report.setdefault("flatness_2e12_to_2e17", {})[B] = ours[1 << 17] / ours[1 << 12]
+    (out_dir / f"online_conv_{device_slug()}.json").write_text(json.dumps(report, indent=1, default=str))
+    try:
+        plot(report["results"], out_dir / f"online_conv_{device_slug()}.png", info["device"])
+    except Exception:
+        traceback.print_exc()
+
+    log("\n== checks ==")
+    for c in report["checks"]:
+        log(f"  {c.get('dtype')} {c.get('mode')} L={c.get('L')} P={c.get('P')} dm={c.get('direct_max')}: {c.get('worst_rel_err', float('nan')):.2e} "
+            f"{'OK' if c.get('ok') else 'FAIL'}")
+    log(f"crossover direct_max = {direct_max}; flatness 2^17/2^12: {report.get('flatness_2e12_to_2e17')}")
+    log(f"{'B':>2} {'L':>7} {'ours api':>9} {'ours tight':>10} {'lazy':>9} {'eager':>9} {'lazy/ours':>9} "
+        f"{'eager/ours':>10} {'check':>8} {'xMDL':>6}")
+    for B, rows in report["results"].items():
+        for r in rows:
+            f = lambda k, w=9, p=1: f"{r[k]:{w}.{p}f}" if isinstance(r.get(k), float) else f"{'-':>{w}}"  # noqa: E731
+            log(f"{B:>2} {r['L']:>7} {f('ours_us', 9, 2)} {f('us_per_token_tight', 10, 2)} {f('lazy_us')} "
+                f"{f('eager_us')} {f('lazy_over_ours')} {f('eager_over_ours', 10)} "
+                f"{r.get('check_rel_err', float('nan')):8.1e} "
+                f"{r.get('memory_elements', {}).get('per_MDL', float('nan')):6.3f}")
+
+
+if __name__ == "__main__":
+    main()
