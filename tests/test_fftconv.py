@@ -75,8 +75,13 @@ def test_fused_skip_and_gates(flags):
     assert _rel(fft_conv(u, h, **kw), gated_conv_reference(u, h, **kw)) < 1e-5
 
 
-@pytest.mark.parametrize("plan,L", [(FFTPlan(512, 2, 16, 16), 200), (FFTPlan(4096, 16, 16, 16), 1000),
-                                    (FFTPlan(4096, 16, 16, 16, persistent=True), 999)], ids=str)
+@pytest.mark.parametrize("plan,L", [
+    (FFTPlan(512, 2, 16, 16, inv_dot=False), 200),
+    (FFTPlan(512, 2, 16, 16, fwd_dot=True, inv_dot=True), 256),
+    (FFTPlan(1024, 4, 16, 16, inv_dot=False), 300),
+    (FFTPlan(4096, 16, 16, 16, fwd_dot=True), 1000),
+    (FFTPlan(4096, 16, 16, 16, persistent=True), 999),
+], ids=str)
 def test_split_kernel_fp32(plan, L):
     u, h, ex = _inputs(3, 2, L, L, seed=L, device=DEV)
     y = torch.full_like(u, float("nan"))  # poisoned: every element must be written

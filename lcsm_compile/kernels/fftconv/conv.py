@@ -120,6 +120,6 @@ def fft_conv(u: Tensor, filt: Tensor | FilterSpectrum, *, skip: Tensor | None = 
             pre[:, sl] if pre is not None else dummy, post[:, sl] if post is not None else dummy,
             tables.f1, tables.f2, tables.tw, tables.fr, tables.tw_outer, scratch,
             B, D, L, pairs, n_items,
-            R=plan.r, R_PAD=plan.r_pad, M1=plan.m1, M2=plan.m2, MC=plan.mc,
-            PERSISTENT=plan.persistent, **consts)
+            R=plan.r, R_PAD=plan.r_pad, M1=plan.m1, M2=plan.m2, MC=plan.mc, FWD_DOT=plan.fwd_dot,
+            INV_DOT=plan.inv_dot, PERSISTENT=plan.persistent, num_stages=1, **consts)
     return y

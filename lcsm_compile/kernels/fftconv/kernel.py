@@ -128,20 +128,28 @@ def fftconv_split_kernel(
     u_ptr, y_ptr, h_ptr, skip_ptr, pre_ptr, post_ptr, f1_ptr, f2_ptr, tw_ptr, fr_ptr, two_ptr, s_ptr,
     B, D, L, n_pairs, n_items,
     R: tl.constexpr, R_PAD: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, MC: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, FWD_DOT: tl.constexpr, INV_DOT: tl.constexpr,
     HAS_SKIP: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    """N = R * M1 * M2. Per (pair, channel) item: (1) column DFTs F_R of the (R, M) matrix and
-    the W_N twiddle into a scratch of N complex values, (2) the inner conv of each of its R rows
-    in place, (3) conj twiddle and conj F_R back to time, truncated to L. A barrier between the
-    phases; the scratch belongs to the item, or to the program when PERSISTENT (grid < items)."""
+    """N = R * M1 * M2, per (pair, channel) item, x viewed as the (R, M) matrix x[r, m] = z[r*M + m]:
+
+    forward outer stage, two ways:
+      FWD_DOT: column DFTs F_R @ x on tensor cores (R_PAD-chunks of columns) into the scratch;
+      else:    row k of F_R @ x is sum_r W_R^{rk} x[r] over the nonzero rows (< cdiv(L, M)),
+               elementwise in fp32 right before its inner conv: no scratch pass (small R).
+    then per row k: * W_N^{km}/sqrt(R), inner conv, * W_N^{-km}/sqrt(R), into the scratch;
+    inverse outer stage: y[r] = sum_k W_R^{-rk} v[k] for the rows r that hold t < L, as conj F_R
+    chunks on tensor cores (INV_DOT) or elementwise. Barriers between stages; the scratch (N
+    complex fp32) belongs to the item, or to the program when PERSISTENT (grid < items)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     M: tl.constexpr = M1 * M2
+    TWO_PI: tl.constexpr = 6.283185307179586
     o_r = tl.arange(0, R_PAD)[:, None]
     o_c = tl.arange(0, MC)[None, :]
     o_t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
     m_r = (o_r < R) & (o_c >= 0)
+    rows = tl.cdiv(L, M)  # rows of x that hold data (time < L); the rest is the zero padding
     for item in range(pid, n_items, G):
         i_p = item % n_pairs
         i_d = item // n_pairs
@@ -156,48 +164,78 @@ def fftconv_split_kernel(
         skip = 0.0
         if HAS_SKIP:
             skip = tl.load(skip_ptr + i_d).to(tl.float32)
-        # (1) forward column DFTs over r, n = r * M + m
-        for c in range(0, M, MC):
-            o_w = o_r * M + c + o_c
-            m_u = m_r & (o_w < L)
-            m_v = m_r & (o_w < L2)
-            xr = tl.load(u_ptr + o_1 + o_w, mask=m_u, other=0.0).to(tl.float32)
-            xi = tl.load(u_ptr + o_2 + o_w, mask=m_v, other=0.0).to(tl.float32)
-            if HAS_PRE:
-                xr *= tl.load(pre_ptr + o_1 + o_w, mask=m_u, other=0.0).to(tl.float32)
-                xi *= tl.load(pre_ptr + o_2 + o_w, mask=m_v, other=0.0).to(tl.float32)
-            xr, xi = _left(fr_ptr, xr, xi, R_PAD, False, DOT, PREC)
-            tr = tl.load(two_ptr + o_w, mask=m_r, other=0.0)
-            ti = tl.load(two_ptr + R * M + o_w, mask=m_r, other=0.0)
-            xr, xi = _twiddle(xr, xi, tr, ti, False)
-            tl.store(p_s + o_w, xr, mask=m_r)
-            tl.store(p_s + R * M + o_w, xi, mask=m_r)
-        tl.debug_barrier()
-        # (2) inner conv of each row k_r
+        if FWD_DOT:
+            for c in range(0, M, MC):
+                o_w = o_r * M + c + o_c
+                m_u = m_r & (o_w < L)
+                m_v = m_r & (o_w < L2)
+                xr = tl.load(u_ptr + o_1 + o_w, mask=m_u, other=0.0).to(tl.float32)
+                xi = tl.load(u_ptr + o_2 + o_w, mask=m_v, other=0.0).to(tl.float32)
+                if HAS_PRE:
+                    xr *= tl.load(pre_ptr + o_1 + o_w, mask=m_u, other=0.0).to(tl.float32)
+                    xi *= tl.load(pre_ptr + o_2 + o_w, mask=m_v, other=0.0).to(tl.float32)
+                xr, xi = _left(fr_ptr, xr, xi, R_PAD, False, DOT, PREC)
+                tl.store(p_s + o_w, xr, mask=m_r)
+                tl.store(p_s + R * M + o_w, xi, mask=m_r)
+            tl.debug_barrier()
         for k in range(0, R):
             p_x = p_s + k * M
-            xr = tl.load(p_x + o_t)
-            xi = tl.load(p_x + R * M + o_t)
+            if FWD_DOT:
+                xr = tl.load(p_x + o_t)
+                xi = tl.load(p_x + R * M + o_t)
+            else:
+                xr = tl.zeros((M1, M2), dtype=tl.float32)
+                xi = tl.zeros((M1, M2), dtype=tl.float32)
+                for r in range(0, rows):
+                    ang = tl.cast((r * k) % R, tl.float32) * (-TWO_PI / R)
+                    wr = tl.cos(ang)
+                    wi = tl.sin(ang)
+                    o_n = r * M + o_t
+                    ar = tl.load(u_ptr + o_1 + o_n, mask=o_n < L, other=0.0).to(tl.float32)
+                    ai = tl.load(u_ptr + o_2 + o_n, mask=o_n < L2, other=0.0).to(tl.float32)
+                    if HAS_PRE:
+                        ar *= tl.load(pre_ptr + o_1 + o_n, mask=o_n < L, other=0.0).to(tl.float32)
+                        ai *= tl.load(pre_ptr + o_2 + o_n, mask=o_n < L2, other=0.0).to(tl.float32)
+                    xr += ar * wr - ai * wi
+                    xi += ar * wi + ai * wr
+            p_w = two_ptr + k * M + o_t
+            xr, xi = _twiddle(xr, xi, tl.load(p_w), tl.load(p_w + R * M), False)
             p_h = h_ptr + (i_d.to(tl.int64) * (2 * R) + k) * M
             xr, xi = _inner_conv(xr, xi, p_h, p_h + R * M, skip, f1_ptr, f2_ptr, tw_ptr, M1, M2, DOT,
                                  PREC, HAS_SKIP)
+            xr, xi = _twiddle(xr, xi, tl.load(p_w), tl.load(p_w + R * M), True)
             tl.store(p_x + o_t, xr)
             tl.store(p_x + R * M + o_t, xi)
         tl.debug_barrier()
-        # (3) inverse column DFTs, truncated to t < L
-        for c in range(0, M, MC):
-            o_w = o_r * M + c + o_c
-            xr = tl.load(p_s + o_w, mask=m_r, other=0.0)
-            xi = tl.load(p_s + R * M + o_w, mask=m_r, other=0.0)
-            tr = tl.load(two_ptr + o_w, mask=m_r, other=0.0)
-            ti = tl.load(two_ptr + R * M + o_w, mask=m_r, other=0.0)
-            xr, xi = _twiddle(xr, xi, tr, ti, True)
-            xr, xi = _left(fr_ptr, xr, xi, R_PAD, True, DOT, PREC)
-            m_y = m_r & (o_w < L)
-            m_z = m_r & (o_w < L2)
-            if HAS_POST:
-                xr *= tl.load(post_ptr + o_1 + o_w, mask=m_y, other=0.0).to(tl.float32)
-                xi *= tl.load(post_ptr + o_2 + o_w, mask=m_z, other=0.0).to(tl.float32)
-            tl.store(y_ptr + o_1 + o_w, xr.to(y_ptr.dtype.element_ty), mask=m_y)
-            tl.store(y_ptr + o_2 + o_w, xi.to(y_ptr.dtype.element_ty), mask=m_z)
+        if INV_DOT:
+            for c in range(0, M, MC):
+                o_w = o_r * M + c + o_c
+                xr = tl.load(p_s + o_w, mask=m_r, other=0.0)
+                xi = tl.load(p_s + R * M + o_w, mask=m_r, other=0.0)
+                xr, xi = _left(fr_ptr, xr, xi, R_PAD, True, DOT, PREC)
+                m_y = m_r & (o_w < L)
+                m_z = m_r & (o_w < L2)
+                if HAS_POST:
+                    xr *= tl.load(post_ptr + o_1 + o_w, mask=m_y, other=0.0).to(tl.float32)
+                    xi *= tl.load(post_ptr + o_2 + o_w, mask=m_z, other=0.0).to(tl.float32)
+                tl.store(y_ptr + o_1 + o_w, xr.to(y_ptr.dtype.element_ty), mask=m_y)
+                tl.store(y_ptr + o_2 + o_w, xi.to(y_ptr.dtype.element_ty), mask=m_z)
+        else:
+            for r in range(0, rows):
+                yr = tl.zeros((M1, M2), dtype=tl.float32)
+                yi = tl.zeros((M1, M2), dtype=tl.float32)
+                for k in range(0, R):
+                    ang = tl.cast((r * k) % R, tl.float32) * (TWO_PI / R)
+                    wr = tl.cos(ang)
+                    wi = tl.sin(ang)
+                    vr = tl.load(p_s + k * M + o_t)
+                    vi = tl.load(p_s + R * M + k * M + o_t)
+                    yr += vr * wr - vi * wi
+                    yi += vr * wi + vi * wr
+                o_n = r * M + o_t
+                if HAS_POST:
+                    yr *= tl.load(post_ptr + o_1 + o_n, mask=o_n < L, other=0.0).to(tl.float32)
+                    yi *= tl.load(post_ptr + o_2 + o_n, mask=o_n < L2, other=0.0).to(tl.float32)
+                tl.store(y_ptr + o_1 + o_n, yr.to(y_ptr.dtype.element_ty), mask=o_n < L)
+                tl.store(y_ptr + o_2 + o_n, yi.to(y_ptr.dtype.element_ty), mask=o_n < L2)
         tl.debug_barrier()

@@ -17,11 +17,14 @@ so the frequency order never has to be undone: the filter spectrum is stored in 
 permuted (k_r, k1, k2) order once (`spectrum.py`). Each DFT matrix is orthonormal (1/sqrt(size)),
 so values keep the input's scale through every stage and y = F^H (F z * H) with H = DFT(h).
 
-R = 1 is the fused kernel (N <= 4096 by default). R > 1 adds the outer stage: the forward
-column DFTs write a scratch of N complex values per row pair, the inner conv rewrites it row by
-row, the inverse column DFTs read it back; dots need every dimension >= 16, so F_R is zero-padded
-to R_PAD = max(R, 16). Covered: 256 <= N <= 128 * 8192 = 2^20 (L <= 2^19); larger N has no plan
-and `fft_conv` callers fall back to torch.fft.
+R = 1 is the fused kernel (N <= 4096 by default). R > 1 adds the outer stage. For small R the
+forward outer DFT is elementwise: row k of F_R @ x is a weighted sum of the few rows of x that
+hold data (x is zero past L <= N/2), computed right before that row's inner conv, whose result
+(twiddled back) goes to a scratch of N complex values per row pair; the inverse outer DFT reads
+the scratch once, as conj F_R products on tensor cores (or elementwise for R <= 4). For large R
+the forward outer DFT is also a tensor-core product (fwd_dot), written to the scratch first.
+Dots need every dimension >= 16, so F_R is zero-padded to R_PAD = max(R, 16). Covered:
+256 <= N <= 128 * 8192 = 2^20 (L <= 2^19); larger N has no plan and callers use torch.fft.
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ class FFTPlan:
     num_warps: int = 4
     persistent: bool = False  # R > 1: one launch, a grid of ~2 programs per SM, scratch per program
     precision: str = "tf32x3"  # fp32 inputs only: tl.dot input_precision ("ieee", "tf32x3", "tf32")
+    fwd_dot: bool = False    # R > 1: forward outer DFT as tl.dot into the scratch (else elementwise, fused)
+    inv_dot: bool = True     # R > 1: inverse outer DFT as tl.dot (else elementwise)
 
     @property
     def m(self) -> int:
@@ -94,25 +99,28 @@ def _split(m: int) -> tuple[int, int]:
 
 
 def make_plan(n: int, *, r: int | None = None, m1: int | None = None, num_warps: int | None = None,
-              persistent: bool = False, precision: str = "tf32x3") -> FFTPlan | None:
+              persistent: bool = False, precision: str = "tf32x3", fwd_dot: bool | None = None,
+              inv_dot: bool | None = None) -> FFTPlan | None:
     """The default plan for FFT size n (a power of two), or None when n is not covered.
 
-    Defaults: fused up to n = 4096, else the smallest outer radix (>= 16) whose inner size fits.
+    Defaults: fused up to n = 4096, else inner 64 x 64 and R = n / 4096 (up to 128).
     Any field can be forced; the benchmark tries several and the dispatch table keeps the best.
     """
     if n < MIN_N or n > MAX_N or n & (n - 1):
         return None
     if r is None:
-        r = 1 if n <= 4096 else min(MAX_R, max(16, n // 4096))
+        r = 1 if n <= 4096 else min(MAX_R, n // 4096)
     m = n // r
     if m1 is None:
         m1, m2 = _split(m)
     else:
         m2 = m // m1
     if num_warps is None:
-        num_warps = 4 if m <= 2048 else 8
+        num_warps = 4 if m <= 4096 else 8
+    fwd_dot = r > 16 if fwd_dot is None else fwd_dot
+    inv_dot = r > 4 if inv_dot is None else inv_dot
     try:
-        return FFTPlan(n, r, m1, m2, num_warps, persistent, precision).check()
+        return FFTPlan(n, r, m1, m2, num_warps, persistent, precision, fwd_dot, inv_dot).check()
     except ValueError:
         return None
 

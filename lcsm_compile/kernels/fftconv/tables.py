@@ -47,8 +47,8 @@ class DFTTables:
     f1: Tensor      # (3, M1, M1) operand dtype
     f2: Tensor      # (3, M2, M2)
     tw: Tensor      # (2, M1, M2) fp32: W_M^{k1 m2}
-    fr: Tensor      # (3, R_PAD, R_PAD) operand dtype (R > 1), else a 1-element dummy
-    tw_outer: Tensor  # (2, R, M) fp32: W_N^{k_r m} (R > 1), else a dummy
+    fr: Tensor      # (3, R_PAD, R_PAD) operand dtype: exp(-2 pi i j k / R), unscaled (R > 1)
+    tw_outer: Tensor  # (2, R, M) fp32: W_N^{k_r m} / sqrt(R) (R > 1), else a dummy
 
 
 _TABLES: dict[tuple, DFTTables] = {}
@@ -64,8 +64,8 @@ def dft_tables(plan: FFTPlan, dtype: torch.dtype, device: torch.device | str) ->
     f2 = _planes3(dft_matrix(plan.m2), dtype, device)
     tw = _planes2(twiddles(plan.m1, plan.m2, plan.m), device)
     if plan.r > 1:
-        fr = _planes3(dft_matrix(plan.r, plan.r_pad), dtype, device)
-        tw_outer = _planes2(twiddles(plan.r, plan.m, plan.n), device)
+        fr = _planes3(dft_matrix(plan.r, plan.r_pad) * math.sqrt(plan.r), dtype, device)
+        tw_outer = _planes2(twiddles(plan.r, plan.m, plan.n) / math.sqrt(plan.r), device)
     else:
         fr = torch.zeros(1, dtype=dtype, device=device)
         tw_outer = torch.zeros(1, dtype=torch.float32, device=device)
