@@ -1,0 +1,249 @@
+"""`ModalRecurrence`: exact decoding of modal filters, with `OnlineConv`'s interface.
+
+    eng = ModalRecurrence(poles, residues, skip, batch)   # (M, C, n) complex, (M, C) real skip
+    y = eng.prefill(m, u)                                   # u (B, C, P) -> y (B, C, P), each m
+    for each new position:
+        y_t = eng.step(m, u_t)                              # (B, C) -> (B, C), each m, model order
+        eng.advance()                                       # position += 1 (no tiles to run)
+
+For filters h[c, t] = Re(sum_n r p^t) + skip [t == 0] (StripedHyena, S4D kernels) the state is
+the complex vector s (M, B, C, n): s = p s + u_t, y_t = Re(r . s) + skip u_t, O(n) per token and
+position-independent, so a decoder can hold an `OnlineConv` for some mixers and a
+`ModalRecurrence` for others and drive both the same way.
+
+State: complex64 (complex128 for fp64 models), whatever the model dtype; inputs and outputs in
+the model dtype. Mixers with fewer modes are padded with zero poles and residues (exact no-ops).
+The prompt's outputs are one FFT convolution with h[:P] (the caller's folded filters when given,
+else the modal impulse response, computed once and cached); its state is a chunked Vandermonde
+product (reference.py). Backends: "torch" (plain ops) and "triton" (default on CUDA: the fused step
+of triton_step.py, one launch for one mixer or for all). Errors leave the state as it was:
+ValueError for bad arguments, RuntimeError for calls out of order (like `OnlineConv`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import complex_of, modal_impulse_response, modal_prompt_output, modal_state
+
+__all__ = ["ModalRecurrence"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _stack(xs, n: int | None, what: str) -> Tensor:
+    """(M, C, n) from a tensor or a list of (C, n_m) tensors (zero-padded to the largest n)."""
+    if isinstance(xs, Tensor):
+        return xs if xs.dim() == 3 else xs[None]
+    if not isinstance(xs, Sequence) or not xs or not all(isinstance(x, Tensor) and x.dim() == 2 for x in xs):
+        raise ValueError(f"ModalRecurrence: {what} must be a (M, C, n) tensor or a list of (C, n) tensors")
+    n = n or max(x.shape[-1] for x in xs)
+    return torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[-1])) for x in xs])
+
+
+class ModalRecurrence:
+    def __init__(self, poles, residues, skip, batch: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, *, max_len: int | None = None,
+                 filters: Tensor | None = None, backend: str = "auto", work_bytes: int = 1 << 28):
+        p = _stack(poles, None, "poles")
+        r = _stack(residues, p.shape[-1], "residues")
+        if not (p.is_complex() and r.is_complex()) or p.shape != r.shape:
+            raise ValueError(f"ModalRecurrence: poles and residues must be complex tensors of one shape (M, C, n), "
+                             f"got {tuple(p.shape)} {p.dtype} and {tuple(r.shape)} {r.dtype}")
+        M, C, n = p.shape
+        if skip is None:
+            skip = torch.zeros(M, C, device=p.device)
+        elif isinstance(skip, (list, tuple)):
+            skip = torch.stack(list(skip))
+        skip = skip if skip.dim() == 2 else skip[None]
+        if tuple(skip.shape) != (M, C) or skip.is_complex():
+            raise ValueError(f"ModalRecurrence: skip must be real of shape ({M}, {C}), got {tuple(skip.shape)}")
+        if int(batch) < 1 or (max_len is not None and int(max_len) < 1):
+            raise ValueError(f"ModalRecurrence: batch and max_len must be >= 1, got {batch}, {max_len}")
+        self.dtype = dtype or torch.float32
+        if self.dtype not in _FLOATS:
+            raise ValueError(f"ModalRecurrence: dtype must be one of {_FLOATS}, got {self.dtype}")
+        self.device = torch.device(device) if device is not None else p.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" and self.dtype != torch.float64 else "torch"
+        if backend not in ("torch", "triton") or (backend == "triton" and self.dtype == torch.float64):
+            raise ValueError(f"ModalRecurrence: backend must be 'torch' or 'triton' (no fp64), got {backend!r}")
+        self.backend = backend
+        self._interpret = self.device.type != "cuda"
+        self.M, self.C, self.n = M, C, n
+        self.B = int(batch)
+        self.max_len = None if max_len is None else int(max_len)
+        self.work_bytes = work_bytes
+        self.rdtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        cdtype = complex_of(self.rdtype)
+        # Exact values (for the prompt) and the state-dtype copies the steps use.
+        self.poles64 = p.to(device=self.device, dtype=torch.complex128)
+        self.residues64 = r.to(device=self.device, dtype=torch.complex128)
+        self.skip64 = skip.to(device=self.device, dtype=torch.float64)
+        self.p = self.poles64.to(cdtype).contiguous()
+        self.r = self.residues64.to(cdtype).contiguous()
+        self.skip = self.skip64.to(self.rdtype).contiguous()
+        if filters is not None:
+            if filters.dim() != 3 or tuple(filters.shape[:2]) != (M, C):
+                raise ValueError(f"ModalRecurrence: filters must be (M={M}, C={C}, K), got {tuple(filters.shape)}")
+            filters = filters.to(device=self.device, dtype=self.rdtype)
+        self._filters = filters
+        self.S = torch.zeros(M, self.B, C, n, dtype=cdtype, device=self.device)
+        self.reset()
+
+    # ---------------------------------------------------------------- host state
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def prompt_len(self) -> int | None:
+        return self._prompt_len
+
+    @property
+    def state_size(self) -> int:
+        return self.n
+
+    def reset(self) -> None:
+        """Back to before the prompt; buffers are kept (captured graphs stay valid)."""
+        self._position = 0
+        self._prompt_len: int | None = None
+        self._prefilled = [False] * self.M
+        self._stepped: set[int] = set()
+        self.S.zero_()
+
+    def memory_elements(self) -> dict:
+        """Elements of decode state (a complex value counts 2), beyond the poles and residues."""
+        state = 2 * self.S.numel()
+        return {"state": state, "total": state, "per_MDL": state / (self.M * self.C * (self.max_len or 1))}
+
+    def _check_mixer(self, m) -> int:
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.M:
+            raise ValueError(f"ModalRecurrence: mixer index must be an int in [0, {self.M}), got {m!r}")
+        return m
+
+    def _check_tensor(self, name: str, x, shape: tuple) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"ModalRecurrence: {name} must be a tensor, got {type(x).__name__}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"ModalRecurrence: {name} must have shape {shape}, got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"ModalRecurrence: {name} must be {self.dtype}, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"ModalRecurrence: {name} must be on {self.device}, got {x.device}")
+
+    def _check_can_step(self, mixers) -> None:
+        missing = [m for m in mixers if not self._prefilled[m]]
+        if missing:
+            raise RuntimeError(f"ModalRecurrence: step before prefill for mixer(s) {missing}; call prefill(m, u) "
+                               "first (a prompt of length 0 starts an empty sequence)")
+        if self.max_len is not None and self._position >= self.max_len:
+            raise RuntimeError(f"ModalRecurrence: step past max_len={self.max_len}")
+
+    # ---------------------------------------------------------------- prompt
+    def impulse_response(self, m: int, length: int) -> Tensor:
+        """h[m] (C, length) in the compute dtype: the caller's filters, else the modal one."""
+        if self._filters is not None and self._filters.shape[-1] >= length:
+            return self._filters[m, :, :length]
+        cached = getattr(self, "_h_cache", None)
+        if cached is None or cached.shape[-1] < length:
+            cached = modal_impulse_response(self.poles64, self.residues64, self.skip64, length, self.rdtype,
+                                            self.work_bytes)
+            self._h_cache = cached
+        return cached[m, :, :length]
+
+    def prefill(self, m: int, u: Tensor) -> Tensor:
+        """y (B, C, P) for the prompt u (B, C, P) of mixer m; its state becomes the state after u."""
+        m = self._check_mixer(m)
+        P = u.shape[-1] if isinstance(u, Tensor) and u.dim() == 3 else -1
+        self._check_tensor("prefill input u", u, (self.B, self.C, max(P, 0)))
+        if self.max_len is not None and P > self.max_len:
+            raise ValueError(f"ModalRecurrence: prompt of length {P} is longer than max_len={self.max_len}")
+        if self._prompt_len is not None:
+            if self._position != self._prompt_len or self._stepped:
+                raise RuntimeError("ModalRecurrence: prefill after decoding started; call reset() first")
+            if P != self._prompt_len:
+                raise ValueError(f"ModalRecurrence: every mixer's prompt must have length {self._prompt_len}, got {P}")
+        y = modal_prompt_output(u, self.impulse_response(m, P)) if P else u.clone()
+        self.S[m] = modal_state(u, self.poles64[m], work_bytes=self.work_bytes) if P else 0
+        if self._prompt_len is None:
+            self._prompt_len = self._position = P
+        self._prefilled[m] = True
+        return y
+
+    def prefill_all(self, u: Tensor) -> Tensor:
+        """prefill(m, u[m]) for every mixer: u (M, B, C, P) -> y (M, B, C, P)."""
+        if not isinstance(u, Tensor) or u.dim() != 4 or u.shape[0] != self.M:
+            raise ValueError(f"ModalRecurrence: prefill_all wants u of shape (M={self.M}, B, C, P)")
+        return torch.stack([self.prefill(m, u[m]) for m in range(self.M)])
+
+    # ---------------------------------------------------------------- step
+    def step(self, m: int, u_t: Tensor, out: Tensor | None = None) -> Tensor:
+        """y_t (B, C) of mixer m at the current position; its state moves past u_t."""
+        m = self._check_mixer(m)
+        self._check_tensor("step input u_t", u_t, (self.B, self.C))
+        if out is not None:
+            self._check_tensor("step output", out, (self.B, self.C))
+        self._check_can_step([m])
+        y = torch.empty_like(u_t) if out is None else out
+        self._step(u_t[None], y[None], m, 1)
+        self._stepped.add(m)
+        return y
+
+    def step_all(self, u: Tensor, out: Tensor | None = None) -> Tensor:
+        """step for every mixer in one launch: u (M, B, C) -> y (M, B, C) (independent mixers only)."""
+        self._check_tensor("step_all input u", u, (self.M, self.B, self.C))
+        if out is not None:
+            self._check_tensor("step_all output", out, (self.M, self.B, self.C))
+        self._check_can_step(range(self.M))
+        y = torch.empty_like(u) if out is None else out
+        self._step(u, y, 0, self.M)
+        self._stepped.update(range(self.M))
+        return y
+
+    def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
+        if self.backend == "triton":
+            from .triton_step import launch_modal_step  # noqa: PLC0415 - triton loads lazily
+
+            launch_modal_step(u, y, torch.view_as_real(self.S), torch.view_as_real(self.p),
+                              torch.view_as_real(self.r), self.skip, m0, n, self._interpret)
+            return
+        ms = slice(m0, m0 + n)
+        x = u.to(self.rdtype)
+        S = self.S[ms]
+        S.mul_(self.p[ms, None]).add_(x[..., None])
+        y.copy_((self.r[ms, None] * S).real.sum(-1) + self.skip[ms, None] * x)
+
+    # ---------------------------------------------------------------- position
+    def tile_level(self) -> int:
+        """No tiles: -1 at every position (the interface of `OnlineConv.tile_level`)."""
+        if self._prompt_len is None:
+            raise RuntimeError("ModalRecurrence: no prompt yet; call prefill first")
+        return -1
+
+    def run_tiles(self, level: int) -> None:
+        """Nothing to run: the recurrence has no tiles (kept for `OnlineConv`'s interface)."""
+
+    def capture_graphs(self) -> None:
+        """Nothing to capture: the steps are position-independent launches."""
+
+    def advance(self, launch: bool = True, check: bool = True) -> None:
+        """Move to the next position (after every mixer stepped, unless check=False)."""
+        if not all(self._prefilled):
+            raise RuntimeError(f"ModalRecurrence: advance before prefill of mixer(s) "
+                               f"{[m for m in range(self.M) if not self._prefilled[m]]}")
+        if self.max_len is not None and self._position >= self.max_len:
+            raise RuntimeError(f"ModalRecurrence: advance past max_len={self.max_len}")
+        if check and len(self._stepped) < self.M:
+            raise RuntimeError(f"ModalRecurrence: advance before mixer(s) "
+                               f"{sorted(set(range(self.M)) - self._stepped)} stepped at position {self._position}")
+        self._position += 1
+        self._stepped.clear()
+
+    def __repr__(self) -> str:
+        return (f"ModalRecurrence(M={self.M}, C={self.C}, n={self.n}, B={self.B}, dtype={self.dtype}, "
+                f"backend={self.backend}, position={self._position})")
