@@ -192,3 +192,15 @@ def test_inductor_inner_backend(name):
     _, y, ref = _compile_run(model, inputs, options={})
     assert _rel(y, ref) <= 1e-5
     assert _rewrites() == entry.expected_convs
+
+
+def test_verify_off_still_checks_causality():
+    pos, neg = ZOO["hyena_lm"], ZOO["neg_same_conv1d"]
+    model = pos.build()
+    inputs = pos.make_inputs(model, 2, 63, torch.Generator().manual_seed(0))
+    _, y, ref = _compile_run(model, inputs, options={**EAGER, "verify": False})
+    assert _rel(y, ref) <= 1e-5 and _rewrites() == pos.expected_convs
+    model = neg.build()
+    inputs = neg.make_inputs(model, 2, 63, torch.Generator().manual_seed(0))
+    _, y, ref = _compile_run(model, inputs, options={**EAGER, "verify": False})
+    assert _rewrites() == 0 and _rel(y, ref) <= 1e-6

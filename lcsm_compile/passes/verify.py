@@ -119,7 +119,7 @@ def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixe
     errors = []
     for axis in axes:
         try:
-            return _verify_axis(cg, fn, region, shape, axis, dtype, device, tol)
+            return _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, settings.verify)
         except VerifyError as e:
             errors.append(str(e))
     raise VerifyError(errors[0])
@@ -137,7 +137,7 @@ def _axis_candidates(cg: CapturedGraph, uval, shape) -> list[int]:
     return out
 
 
-def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol) -> Mixer:
+def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -> Mixer:
     L = shape[axis]
     g = torch.Generator(device="cpu").manual_seed(1234 + L)
 
@@ -175,7 +175,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol) -> Mixer:
     bias = to_canonical(c, axis, bcast, chan)[0, :, 0]
     bias = None if bias.double().norm() == 0 else bias
     # Random probes: the whole region against the convolution it claims to be.
-    for _ in range(2):
+    for _ in range(2 if probes else 0):
         u = rand(shape)
         got = fn(u) - c
         want = from_canonical(causal_conv_reference(to_canonical(u, axis, bcast, chan), h), shape, axis, bcast, chan)
@@ -190,7 +190,8 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol) -> Mixer:
                     raise VerifyError("not time-invariant: the filter changes with position")
             raise VerifyError(f"does not match a causal convolution (relative error {err:.2e})")
     mixer = Mixer(region, fn, axis, bcast, chan, h, bias, L)
-    _check_lengths(cg, mixer, shape, dtype, device, tol)
+    if probes:
+        _check_lengths(cg, mixer, shape, dtype, device, tol)
     return mixer
 
 
