@@ -343,6 +343,7 @@ def e2e_hyena_153m(lengths=(2048, 8192), batch: int = 1) -> dict:
     (checked on hyena_tiny: a compiled forward must call kernels.dispatch.causal_conv_cuda)."""
     try:
         from lcsm_compile import zoo
+        from lcsm_compile.backend import lcsm_backend  # the callable: no entry point install needed
         import lcsm_compile.kernels.dispatch as dispatch
     except Exception as e:  # noqa: BLE001
         return {"skipped": f"import failed: {e!r}"}
@@ -360,7 +361,7 @@ def e2e_hyena_153m(lengths=(2048, 8192), batch: int = 1) -> dict:
         tiny = zoo.hyena_tiny().cuda().eval()
         ids = torch.randint(0, 64, (1, 256), device="cuda")
         with torch.no_grad():
-            torch.compile(tiny, backend="lcsm")(ids)
+            torch.compile(tiny, backend=lcsm_backend)(ids)
     except Exception as e:  # noqa: BLE001
         dispatch.causal_conv_cuda = orig
         return {"skipped": f"lcsm backend failed on hyena_tiny: {e!r}"[:300]}
@@ -370,7 +371,7 @@ def e2e_hyena_153m(lengths=(2048, 8192), batch: int = 1) -> dict:
     dispatch.causal_conv_cuda = orig
     out = {"batch": batch, "rows": []}
     model = zoo.hyena_153m(max_len=max(lengths)).cuda().eval().to(torch.bfloat16)
-    runners = {"eager": model, "inductor": torch.compile(model), "lcsm": torch.compile(model, backend="lcsm")}
+    runners = {"eager": model, "inductor": torch.compile(model), "lcsm": torch.compile(model, backend=lcsm_backend)}
     with torch.no_grad():
         for L in lengths:
             ids = torch.randint(0, 50257, (batch, L), device="cuda")

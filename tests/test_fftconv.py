@@ -187,3 +187,17 @@ def test_gpu_op_dispatches():
 
     u, h, _ = _inputs(2, 16, 3000, 3000, seed=1, dtype=torch.bfloat16, device="cuda")
     assert _rel(causal_conv(u, h), gated_conv_reference(u, h)) < 1e-2
+
+
+def test_committed_dispatch_table_is_valid():
+    from lcsm_compile.kernels.dispatch import TABLE_PATH
+
+    table = DispatchTable.load(TABLE_PATH)
+    assert table.entries, f"no dispatch table at {TABLE_PATH}"
+    for e in table.entries:
+        assert e["impl"] in ("triton", "torch")
+        if e["impl"] == "triton":
+            FFTPlan(**e["plan"]).check()
+            assert e["triton_ms"] < e["torch_ms"]
+    for n in (512, 1024, 2048, 4096, 8192, 16384, 32768):  # the measured H100 prefill sizes, bf16
+        assert table.choose(torch.bfloat16, n, 64 * 768).impl == "triton"
