@@ -198,31 +198,40 @@ def level_costs(eng, levels, reps=20):
     return out
 
 
-def crossover(M, D, B, L, max_direct=512):
-    """Direct vs FFT tile time per tile size; the crossover is the largest U up to which the
-    direct kernel is never slower."""
+def crossover(M, D, B, L, max_direct=512, max_fma=64):
+    """Direct vs FFT tile time per tile size, the direct tile both as scalar FMAs and as tl.dot.
+    direct_max: the largest U up to which the best direct kernel is never slower than the FFT;
+    dot_min: the smallest U >= 16 from which tl.dot beats the FMA kernel."""
     h = filters_for(M, D, L, seed=2)
     eng_d = OnlineConv(h, B, L, dtype=SDT, direct_max=1 << 30, backend=BACKEND)
     eng_d.X.normal_()
-    rows, direct_max = [], 0
     n_levels = min(eng_d.n_levels, 11)
-    direct = level_costs(eng_d, [k for k in range(1, n_levels) if (1 << k) <= max_direct])
+    eng_d.dot_min = 1 << 30
+    fma = level_costs(eng_d, [k for k in range(1, n_levels) if (1 << k) <= min(max_direct, max_fma)])
+    eng_d.dot_min = 16
+    dot = level_costs(eng_d, [k for k in range(4, n_levels) if (1 << k) <= max_direct])
     del eng_d
     eng_f = OnlineConv(h, B, L, dtype=SDT, direct_max=0, backend=BACKEND)
     eng_f.X.normal_()
     fft = level_costs(eng_f, list(range(n_levels)))
     del eng_f
-    still_direct = True
+    rows, direct_max, dot_min, still_direct = [], 0, 1 << 30, True
     for k in range(n_levels):
         U = 1 << k
-        d, f = direct.get(k), fft[k]
-        if k >= 1 and still_direct and d is not None and d <= f:
+        a, d, f = fma.get(k), dot.get(k), fft[k]
+        best = min(x for x in (a, d, float("inf")) if x is not None)
+        if k >= 1 and still_direct and best <= f:
             direct_max = U
-        else:
-            still_direct = still_direct and k == 0
-        rows.append({"U": U, "direct_us": None if d is None else d * 1e6, "fft_us": f * 1e6})
-        log(f"  U={U:5d}  direct {'-' if d is None else f'{d * 1e6:8.1f}'} us   fft {f * 1e6:8.1f} us")
-    return max(direct_max, 1), rows
+        elif k >= 1:
+            still_direct = False
+        if d is not None and (a is None or d < a):
+            dot_min = min(dot_min, U)
+        rows.append({"U": U, "fma_us": a and a * 1e6, "dot_us": d and d * 1e6, "fft_us": f * 1e6})
+        fmt = lambda x: "       -" if x is None else f"{x * 1e6:8.1f}"  # noqa: E731
+        log(f"  U={U:5d}  direct fma {fmt(a)} us  dot {fmt(d)} us   fft {f * 1e6:8.1f} us")
+    if dot_min > max_fma:  # the FMA kernel was not measured past max_fma
+        direct_max = min(direct_max, max_fma)
+    return max(direct_max, 1), dot_min, rows
 
 
 # ------------------------------------------------------------------ baselines
@@ -266,9 +275,9 @@ def eager_cost(M, D, B, L, samples):
 
 
 # ------------------------------------------------------------------ ours
-def ours_cost(M, D, B, L, direct_max, check_positions, breakdown):
+def ours_cost(M, D, B, L, direct_max, dot_min, check_positions, breakdown):
     h = filters_for(M, D, L, seed=3)
-    eng = OnlineConv(h, B, L, dtype=SDT, direct_max=direct_max, backend=BACKEND)
+    eng = OnlineConv(h, B, L, dtype=SDT, direct_max=direct_max, dot_min=dot_min, backend=BACKEND)
     mem = eng.memory_elements()
     res = {"memory_elements": mem}
     u_buf = torch.randn(M, B, D, device=DEV, dtype=SDT)
@@ -292,6 +301,8 @@ def ours_cost(M, D, B, L, direct_max, check_positions, breakdown):
                                   for t in check_positions)
     del run
     # 2. timing: the mixer alone (a fixed random input buffer), whole generation of L tokens
+    eng.reset()
+    eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
     run = Runner(eng, lambda: eng.step_all(u_buf, out=y_buf))
     levels = [level_at(t, 0, L) for t in range(L)]
     api, tight = [], []
@@ -322,6 +333,81 @@ def ours_cost(M, D, B, L, direct_max, check_positions, breakdown):
                                "model_us_per_token": model * 1e6}
     del eng
     return res
+
+
+def ours_worker(B, Ls, direct_max, dot_min, smoke, out_path):
+    """Child process: ours_cost for each L, one JSON line each (a crash loses only that L)."""
+    M, D = (2, 8) if smoke else (18, 864)
+    for L in Ls:
+        res = ours_cost(M, D, B, L, direct_max, dot_min, {L // 3, L // 2 + 1, L - 1}, breakdown=L == max(Ls))
+        log(f"  [worker] B={B} L={L}: ours {res['us_per_token_api']:.2f} us/token (api), "
+            f"{res['us_per_token_tight']:.2f} (tight); check {res['check_rel_err']:.1e} "
+            f"hist {res['check_history_ok']}; state+spectra {res['memory_elements']['per_MDL']:.3f} x MDL"
+            + (f"\n  [worker] breakdown {json.dumps(res['breakdown_us'])}" if "breakdown_us" in res else ""))
+        with open(out_path, "a") as f:
+            f.write(json.dumps({"L": L, **res}) + "\n")
+        torch.cuda.empty_cache() if CUDA else None
+
+
+def run_ours_workers(B, Ls, direct_max, dot_min, smoke):
+    """ours_cost for every L in child processes; after a crash, go on with the next L."""
+    import subprocess
+    import tempfile
+
+    done, todo = {}, list(Ls)
+    while todo:
+        with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
+            path = f.name
+        cmd = [sys.executable, __file__, "--ours-worker", str(B), ",".join(map(str, todo)), "--out-jsonl", path]
+        cmd += ["--direct-max", str(direct_max)] if direct_max else []
+        cmd += ["--dot-min", str(dot_min)] if dot_min else []
+        cmd += ["--smoke"] if smoke else []
+        rc = subprocess.run(cmd).returncode
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            done[r["L"]] = r
+        left = [L for L in todo if L not in done]
+        if rc != 0 and left:
+            done[left[0]] = {"ours_error": f"worker exit {rc} at L={left[0]}"}
+            log(f"  ours worker failed at B={B} L={left[0]} (exit {rc}); going on")
+            left = left[1:]
+        todo = left
+    return done
+
+
+def diagnose(L, M, D, B, direct_max, graphs=True):
+    """Reproduce the graph warm-up at length L op by op, synchronizing after each."""
+    h = filters_for(M, D, L, seed=3)
+    eng = OnlineConv(h, B, L, dtype=SDT, direct_max=direct_max, backend=BACKEND)
+    eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
+    u_buf = torch.randn(M, B, D, device=DEV, dtype=SDT)
+    y_buf = torch.empty_like(u_buf)
+    t = L - 2
+    for level in [-1, *range(eng.n_levels)]:
+        eng.pos.copy_(torch.tensor([t, t, 0]))
+        eng.step_all(u_buf, out=y_buf)
+        sync()
+        eng.run_tiles(level)
+        sync()
+        log(f"  [diag] L={L} level {level} (U={1 << max(level, 0)}) ok, pos {eng.pos.tolist()}")
+    log(f"  [diag] L={L}: all levels ran; A finite: {bool(torch.isfinite(eng.A).all())}")
+    if not graphs:
+        return
+    eng.reset()
+    eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
+    bank = torch.randn(61, M, B, D, device=DEV, dtype=SDT)
+
+    def step_varying():
+        u_buf.copy_(bank.index_select(0, eng.pos[:1] % bank.shape[0])[0])
+        eng.step_all(u_buf, out=y_buf)
+
+    run = Runner(eng, step_varying)
+    sync()
+    log(f"  [diag] L={L}: token graphs captured")
+    for _ in range(L):
+        run.replay()
+    sync()
+    log(f"  [diag] L={L}: {L} tokens replayed; position {eng.position}, device {eng.pos.tolist()}")
 
 
 def device_slug():
@@ -365,8 +451,21 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU): exercise the script")
     ap.add_argument("--max-log2", type=int, default=18)
     ap.add_argument("--direct-max", type=int, default=None, help="skip the crossover measurement")
+    ap.add_argument("--dot-min", type=int, default=None, help="tl.dot direct tiles from this size")
     ap.add_argument("--plot", type=Path, default=None, help="only redraw the PNG from a results JSON")
+    ap.add_argument("--ours-worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out-jsonl", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--diagnose", nargs=5, type=int, default=None, metavar=("L", "M", "D", "DIRECT_MAX", "GRAPHS"),
+                    help="run every tile level at position L-2 with a sync after each op")
     args = ap.parse_args()
+    if args.ours_worker:
+        B, Ls = int(args.ours_worker[0]), [int(x) for x in args.ours_worker[1].split(",")]
+        ours_worker(B, Ls, args.direct_max, args.dot_min, args.smoke, args.out_jsonl)
+        return
+    if args.diagnose:
+        L, M_, D_, dm, graphs = args.diagnose
+        diagnose(L, M_, D_, 1, dm, bool(graphs))
+        return
     if args.plot:
         data = json.loads(args.plot.read_text())
         plot({int(b): rows for b, rows in data["results"].items()}, args.plot.with_suffix(".png"), data["device"])
@@ -397,40 +496,34 @@ def main():
             report["checks"].append({"dtype": str(dtype), "P": P, "mode": mode, "ok": False,
                                      "error": traceback.format_exc()[-500:]})
 
-    direct_max = args.direct_max
+    direct_max, dot_min = args.direct_max, args.dot_min
     if direct_max is None:
         log("== crossover: direct (Triton) vs FFT (torch.fft) tile, M=%d D=%d B=1 ==" % (M, D))
         try:
-            direct_max, rows = crossover(M, D, 1, 64 if args.smoke else 8192, max_direct=8 if args.smoke else 512)
-            report["crossover"] = {"B": 1, "direct_max": direct_max, "rows": rows}
-            log(f"  -> direct tiles up to U = {direct_max}")
+            direct_max, dot_min, rows = crossover(M, D, 1, 64 if args.smoke else 8192,
+                                                  max_direct=16 if args.smoke else 512, max_fma=16 if args.smoke else 64)
+            report["crossover"] = {"B": 1, "direct_max": direct_max, "dot_min": dot_min, "rows": rows}
+            log(f"  -> direct tiles up to U = {direct_max}; tl.dot from U = {dot_min}")
             log("== crossover, B=8 (recorded, not used) ==")
-            dm8, rows8 = crossover(M, D, max(Bs), 64 if args.smoke else 8192, max_direct=8 if args.smoke else 256)
-            report["crossover_B%d" % max(Bs)] = {"B": max(Bs), "direct_max": dm8, "rows": rows8}
+            dm8, dot8, rows8 = crossover(M, D, max(Bs), 64 if args.smoke else 8192,
+                                         max_direct=16 if args.smoke else 128, max_fma=16 if args.smoke else 64)
+            report["crossover_B%d" % max(Bs)] = {"B": max(Bs), "direct_max": dm8, "dot_min": dot8, "rows": rows8}
         except Exception:
             traceback.print_exc()
             direct_max = None
-    report["direct_max"] = direct_max
+    report["direct_max"], report["dot_min"] = direct_max, dot_min
 
+    torch.cuda.empty_cache() if CUDA else None
+    ours = {B: run_ours_workers(B, [1 << lg for lg in logs[B]], direct_max, dot_min, args.smoke) for B in Bs}
     for B in Bs:
         rows = report["results"][B] = []
         for lg in logs[B]:
             L = 1 << lg
-            row = {"L": L}
-            log(f"== B={B} L={L} ==")
+            row = {"L": L, **ours[B].get(L, {"ours_error": "worker crashed"})}
+            if "us_per_token_api" in row:
+                row["ours_us"] = row["us_per_token_api"]
+            log(f"== B={B} L={L} == ours: {row.get('ours_us', row.get('ours_error'))}")
             samples = [L // 4, L // 2, 3 * L // 4]
-            try:
-                res = ours_cost(M, D, B, L, direct_max, {L // 3, L // 2 + 1, L - 1}, breakdown=lg == max(logs[B]))
-                row.update(res)
-                row["ours_us"] = res["us_per_token_api"]
-                log(f"  ours: {res['us_per_token_api']:.2f} us/token (api), {res['us_per_token_tight']:.2f} (tight); "
-                    f"check {res['check_rel_err']:.1e} hist {res['check_history_ok']}; "
-                    f"state+spectra {res['memory_elements']['per_MDL']:.3f} x MDL")
-                if "breakdown_us" in res:
-                    log(f"  breakdown: {json.dumps(res['breakdown_us'])}")
-            except Exception:
-                traceback.print_exc()
-            torch.cuda.empty_cache() if CUDA else None
             for name, fn in (("lazy_us", lazy_cost), ("eager_us", eager_cost)):
                 try:
                     row[name] = fn(M, D, B, L, samples) * 1e6
@@ -459,7 +552,7 @@ def main():
     for c in report["checks"]:
         log(f"  {c.get('dtype')} {c.get('mode')} L={c.get('L')} P={c.get('P')} dm={c.get('direct_max')}: {c.get('worst_rel_err', float('nan')):.2e} "
             f"{'OK' if c.get('ok') else 'FAIL'}")
-    log(f"crossover direct_max = {direct_max}; flatness 2^17/2^12: {report.get('flatness_2e12_to_2e17')}")
+    log(f"crossover direct_max = {direct_max}, dot_min = {dot_min}; flatness 2^17/2^12: {report.get('flatness_2e12_to_2e17')}")
     log(f"{'B':>2} {'L':>7} {'ours api':>9} {'ours tight':>10} {'lazy':>9} {'eager':>9} {'lazy/ours':>9} "
         f"{'eager/ours':>10} {'check':>8} {'xMDL':>6}")
     for B, rows in report["results"].items():

@@ -54,7 +54,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class OnlineConv:
     def __init__(self, filters: Tensor, batch: int, max_len: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, direct_max: int | None = None,
-                 backend: str = "auto", work_bytes: int = 1 << 29):
+                 dot_min: int | None = None, backend: str = "auto", work_bytes: int = 1 << 29):
         if not isinstance(filters, Tensor) or filters.dim() != 3 or filters.shape[-1] < 1:
             raise ValueError(f"OnlineConv: filters must be a (M, D, K) tensor with K >= 1, got "
                              f"{tuple(filters.shape) if isinstance(filters, Tensor) else type(filters)}")
@@ -75,7 +75,7 @@ class OnlineConv:
         self.B, self.max_len = int(batch), int(max_len)
         self.cdtype = compute_dtype(self.dtype)
         self.direct_max = DIRECT_MAX_TILE if direct_max is None else int(direct_max)
-        self.dot_min = DOT_MIN_TILE
+        self.dot_min = DOT_MIN_TILE if dot_min is None else int(dot_min)
         self.work_bytes = work_bytes
         self._interpret = self.device.type != "cuda"
         self._fuse_level0 = backend == "triton" and self.direct_max >= 1

@@ -67,7 +67,7 @@ def _tile_dot_kernel(
     dst = t + 1
     o_p = i_p * BP + tl.arange(0, BP)
     m_p = dst + o_p < L
-    for k in range(CPP):
+    for k in tl.static_range(CPP):  # unrolled: the channels' loads can be in flight together
         c = i_c.to(tl.int64) * CPP + k
         if c < MD:
             m = c // D
