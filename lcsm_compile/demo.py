@@ -21,9 +21,11 @@ import torch
 
 import lcsm_compile
 
+from .settings import Settings
 from .zoo import ZOO
 
 MODEL = "hyena_lm"
+LAZY_OPTIONS = ("engine", "decode_engine", "online")  # decoder(..., engine="lazy")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -72,11 +74,12 @@ class Checks:
 def make_decoder(model, prompt, max_len: int, inner: str, lazy: bool = False):
     """lcsm_compile.decoder, or None when this build has none (or no lazy mode, for lazy=True)."""
     options = {"inner_backend": inner}
-    if lazy:
-        params = inspect.signature(lcsm_compile.decoder).parameters
-        if "online" not in params and "conv" not in params:
+    if lazy:  # a decoder option that swaps the online engine for the lazy sum, if this build has one
+        names = set(inspect.signature(lcsm_compile.decoder).parameters) | set(Settings.__dataclass_fields__)
+        option = next((n for n in LAZY_OPTIONS if n in names), None)
+        if option is None:
             return None
-        options["online" if "online" in params else "conv"] = "lazy"
+        options[option] = "lazy"
     try:
         return lcsm_compile.decoder(model, prompt, max_len=max_len, **options)
     except NotImplementedError:
@@ -157,7 +160,8 @@ def run_demo(args) -> int:
         if dec is None:
             print("  decoder                                      not in this build (NotImplementedError): SKIP")
         else:
-            errs = [rel_err(dec.prefill(prompt), ref[:, :P])]
+            out = dec.prefill(prompt)  # the outputs at the last prompt position (or at all of them)
+            errs = [rel_err(out, ref[:, P - out.shape[1]:P] if out.dim() == 3 else ref[:, P - 1])]
             for t in range(P, P + N - 1):
                 errs.append(rel_err(last_logits(dec.step(full[:, t:t + 1])), ref[:, t]))
             checks.report(f"decoder, prefill {P} + {N - 1} steps", max(errs))
