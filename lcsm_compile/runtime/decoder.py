@@ -1,0 +1,289 @@
+"""`decoder(model, *example_inputs, max_len, **options)`: a step-wise decoder for an unmodified model.
+
+    dec = lcsm_compile.decoder(model, ids[:, :16], max_len=4096)
+    out = dec.prefill(ids[:, :P])            # outputs at position P-1, time dim of length 1
+    out = dec.step(ids[:, P:P+1])            # outputs at position P; dec.position == P + 1
+
+Built once: dynamo captures the model with a dynamic time dim (fullgraph), the pass pipeline
+rewrites its mixers, `incrementalize` plans the step, `StepProgram` traces and compiles it. A
+model whose L dynamo specializes (e.g. `1 << (2L-1).bit_length()`) is captured twice statically:
+at a prime length for the position-wise structure, at max_len for the filters. Before it is
+returned, the decoder is held numerically against the eager model (prefill, then every step of
+a short continuation of the example); anything it cannot do exactly raises IncrementalizeError
+naming the node and the reason. Bad calls raise ValueError (inputs) or RuntimeError (order) and
+leave the state as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from ..backend import lcsm_backend, report_listeners
+from ..passes.incrementalize import IncrementalizeError, StepPlan, _filter_of, incrementalize, CAUSAL_CONV
+from ..passes.pipeline import counters
+from ..settings import Settings
+from .step_program import StepProgram
+
+__all__ = ["Decoder", "capture", "decoder"]
+
+_PRIMES = (61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157)
+
+
+def _fresh_caller(model):
+    """A new code object per capture: dynamo's cache (and its size limit) start empty for it."""
+    def call(*args):
+        return model(*args)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, "lcsm_decode_capture", None,
+                              call.__closure__)
+
+
+def capture(model, args: list, settings: Settings, dynamic: bool, time_args: list[int]):
+    """The model's rewritten ATen graph at these inputs: (CompileReport, CapturedGraph)."""
+    got = []
+    opts = {**dataclasses.asdict(settings), "inner_backend": "eager", "decode": False, "strict": False}
+    compiled = torch.compile(_fresh_caller(model), backend=functools.partial(lcsm_backend, options=opts),
+                             fullgraph=True, dynamic=None if dynamic else False)
+    if dynamic:
+        for j in time_args:
+            torch._dynamo.maybe_mark_dynamic(args[j], settings.seq_dim)
+    listen = lambda report, cg: got.append((report, cg))  # noqa: E731
+    report_listeners.append(listen)
+    try:
+        with torch.no_grad():
+            compiled(*args)
+    except Exception as e:  # noqa: BLE001 - a graph break or an error while tracing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise IncrementalizeError([("capture", f"cannot capture the model as one graph "
+                                    f"({type(e).__name__}: {first})")]) from e
+    finally:
+        report_listeners.remove(listen)
+    if len(got) != 1:
+        raise IncrementalizeError([("capture", f"{len(got)} graphs were captured; decoding needs one")])
+    return got[0]
+
+
+def _at_length(args: list, time_args: list[int], n: int, dim: int) -> list:
+    """The inputs tiled (or cut) along time to length n."""
+    out = list(args)
+    for j in time_args:
+        x = args[j]
+        idx = torch.arange(n, device=x.device) % x.shape[dim]
+        out[j] = x.index_select(dim, idx)
+    return out
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class Decoder:
+    def __init__(self, model: torch.nn.Module, example_inputs: tuple, max_len: int, settings: Settings):
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"lcsm decoder: max_len must be a positive int, got {max_len!r}")
+        self.max_len, self.settings, self.model = max_len, settings, model
+        args = list(example_inputs)
+        d = self.dim = settings.seq_dim
+        self.time_args = [j for j, x in enumerate(args) if isinstance(x, Tensor) and x.dim() > d]
+        if not self.time_args:
+            raise ValueError("lcsm decoder: no example input has a time dimension "
+                             f"(dim {d}; options seq_dim=... picks another)")
+        x0 = args[self.time_args[0]]
+        self.batch, L = int(x0.shape[0]), int(x0.shape[d])
+        self.time_args = [j for j in self.time_args if args[j].shape[d] == L]
+        if L > max_len:
+            raise ValueError(f"lcsm decoder: example of length {L} is longer than max_len={max_len}")
+        self.specs = [(tuple(x.shape[:d]) + tuple(x.shape[d + 1:]), x.dtype, x.device) if j in self.time_args
+                      else x for j, x in enumerate(args)]
+        self.device = x0.device
+        self.plan = self._plan(model, args, settings)
+        compile = "inductor" if settings.inner_backend == "inductor" else "eager"
+        self.program = StepProgram(self.plan, self.device, compile=compile)
+        self._graphs, self._prefilled = None, False
+        self._use_graphs = (self.device.type == "cuda" and settings.cuda_graphs
+                            and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))
+        self._check_model(model, args, L)
+        counters["decode"]["decoders"] += 1
+
+    # ------------------------------------------------------------ build
+    def _plan(self, model, args: list, settings: Settings) -> StepPlan:
+        L = args[self.time_args[0]].shape[self.dim]
+        cap_args = _at_length(args, self.time_args, max(L, 2), self.dim)
+        report, cg = capture(model, cap_args, settings.replace(max_len=self.max_len), True, self.time_args)
+        filters = None
+        if not cg.symbolic:  # dynamo specialized L: structure at a prime length, filters at max_len
+            Lp = self._prime_length(cg)
+            cap_args = _at_length(args, self.time_args, Lp, self.dim)
+            report, cg = capture(model, cap_args, settings, False, self.time_args)
+            if report.unsupported:
+                raise IncrementalizeError([(u.node, u.reason) for u in report.unsupported])
+            full = _at_length(args, self.time_args, self.max_len, self.dim)
+            report_full, cg_full = capture(model, full, settings, False, self.time_args)
+            filters = [_filter_of(cg_full, n.args[1]) for n in cg_full.gm.graph.nodes if n.target is CAUSAL_CONV]
+            report = dataclasses.replace(report, unsupported=report.unsupported + report_full.unsupported)
+        self._seq_arg = []
+        for inp in cg.inputs:
+            if inp.role == "sequence":
+                j = next((j for j, a in enumerate(cap_args) if a is inp.value), None)
+                if j is None:
+                    raise IncrementalizeError([(inp.source, "a graph input that is neither a weight nor an "
+                                                "argument of the call")])
+                self._seq_arg.append(j)
+        return incrementalize(cg, settings, self.max_len, report.unsupported, filters)
+
+    def _prime_length(self, cg) -> int:
+        sizes = {int(s) for inp in cg.inputs if inp.role == "static" for s in inp.value.shape} | {self.batch}
+        for p in _PRIMES:
+            if p <= self.max_len and not any(s % p == 0 for s in sizes if s):
+                return p
+        raise IncrementalizeError([("capture", f"dynamo specialized the length and max_len={self.max_len} "
+                                    "is too short to capture the model at a distinctive length")])
+
+    def _check_model(self, model, args: list, L: int) -> None:
+        """Find the model's outputs among the graph's, then check prefill + steps against eager."""
+        V = min(self.max_len, max(L, 12))
+        full = _at_length(args, self.time_args, V, self.dim)
+        with torch.no_grad():
+            ref = model(*full)
+            graph_out = self.program.forward(self._seq(full), V)
+        leaves, self._spec = pytree.tree_flatten(ref)
+        self._leaves = []
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, Tensor):
+                self._leaves.append(("const", leaf))
+                continue
+            scores = [(_rel(o, leaf), j) for j, o in enumerate(graph_out)
+                      if isinstance(o, Tensor) and o.shape == leaf.shape and o.dtype == leaf.dtype]
+            if not scores or min(scores)[0] > 1e-3:
+                raise IncrementalizeError([("output", f"model output {i} {tuple(leaf.shape)} is not among the "
+                                            "graph's outputs")])
+            j = min(scores)[1]
+            self._leaves.append(("out", j) if self.plan.output_time[j] is not None else ("const", leaf))
+        if not self.settings.verify:
+            return
+        tol = 1e-4 if _full_precision(graph_out) else 3e-2
+        P0 = max(1, V // 2)
+        checks = [(P0 - 1, self.prefill(*self._slice(full, 0, P0)))]
+        for t in range(P0, V):
+            checks.append((t, self.step(*self._slice(full, t, t + 1))))
+        ref_leaves = [leaf for leaf in leaves]
+        for t, out in checks:
+            for (kind, j), got, want in zip(self._leaves, pytree.tree_flatten(out)[0], ref_leaves):
+                if kind != "out":
+                    continue
+                d = self.plan.output_time[j]
+                err = _rel(got, want.narrow(d, t, 1))
+                if not err <= tol:
+                    self.reset()
+                    raise IncrementalizeError([("step program", f"disagrees with the model at position {t}: "
+                                                f"relative error {err:.2e} > {tol:.0e}")])
+        self.reset()
+
+    # ------------------------------------------------------------ inputs
+    def _seq(self, inputs) -> list[Tensor]:
+        # The graph was traced for contiguous inputs (its views assume it); dynamo would guard.
+        return [inputs[j].contiguous() for j in self._seq_arg]
+
+    def _slice(self, inputs, a: int, b: int) -> list:
+        return [x.narrow(self.dim, a, b - a) if j in self.time_args else x for j, x in enumerate(inputs)]
+
+    def _check(self, inputs: tuple, step: bool) -> int:
+        name = "step" if step else "prefill"
+        if len(inputs) != len(self.specs):
+            raise ValueError(f"lcsm decoder: {name} takes {len(self.specs)} input(s) like the example, "
+                             f"got {len(inputs)}")
+        length = None
+        for j, (x, spec) in enumerate(zip(inputs, self.specs)):
+            if j not in self.time_args:
+                if x is not spec and not (not isinstance(x, Tensor) and x == spec):
+                    raise ValueError(f"lcsm decoder: input {j} must be the example's own value")
+                continue
+            if not isinstance(x, Tensor) or x.dim() != len(spec[0]) + 1:
+                raise ValueError(f"lcsm decoder: input {j} must be a tensor of rank {len(spec[0]) + 1}")
+            rest = tuple(x.shape[: self.dim]) + tuple(x.shape[self.dim + 1:])
+            if rest != spec[0]:
+                what = "batch" if x.shape[0] != spec[0][0] else "shape"
+                raise ValueError(f"lcsm decoder: input {j} has {what} {tuple(x.shape)}; the decoder was built "
+                                 f"for {spec[0][:self.dim] + ('L',) + spec[0][self.dim:]} (batch {self.batch})")
+            if x.dtype != spec[1] or x.device != spec[2]:
+                raise ValueError(f"lcsm decoder: input {j} is {x.dtype} on {x.device}, expected {spec[1]} on "
+                                 f"{spec[2]}")
+            n = int(x.shape[self.dim])
+            if length is not None and n != length:
+                raise ValueError(f"lcsm decoder: inputs have different lengths {length} and {n}")
+            length = n
+        if step and length != 1:
+            raise ValueError(f"lcsm decoder: step takes one position (time dim of length 1), got {length}")
+        if not step and not 1 <= length <= self.max_len:
+            raise ValueError(f"lcsm decoder: prompt of length {length} must be between 1 and max_len="
+                             f"{self.max_len}")
+        return length
+
+    def _structure(self, outs: list):
+        leaves = [outs[v] if kind == "out" else v for kind, v in self._leaves]
+        return pytree.tree_unflatten(leaves, self._spec)
+
+    # ------------------------------------------------------------ API
+    @property
+    def position(self) -> int:
+        """The next position step() computes (the number of positions seen)."""
+        return self.program.position
+
+    def reset(self) -> None:
+        self.program.reset()
+        self._prefilled = False
+
+    def prefill(self, *inputs):
+        """Outputs at the last prompt position; the state now holds the prompt."""
+        P = self._check(inputs, step=False)
+        outs = self.program.prefill(self._seq(inputs), P)
+        self._prefilled = True
+        counters["decode"]["prefill_positions"] += P
+        return self._structure([o.narrow(d, P - 1, 1).clone() if d is not None else o
+                                for o, d in zip(outs, self.plan.output_time)])
+
+    def step(self, *inputs):
+        """Outputs at the current position, which then advances by one."""
+        return self._structure([o.clone() if isinstance(o, Tensor) else o for o in self._step(inputs)])
+
+    def _step(self, inputs) -> list:
+        """step() without copies: the outputs may be the program's static buffers."""
+        self._check(inputs, step=True)
+        if not self._prefilled:
+            raise RuntimeError("lcsm decoder: step() before prefill(); call prefill(prompt) first")
+        if self.position >= self.max_len:
+            raise RuntimeError(f"lcsm decoder: position {self.position} is past max_len={self.max_len}; "
+                               "build the decoder with a larger max_len")
+        counters["decode"]["step_positions"] += 1
+        if self._use_graphs:
+            if self._graphs is None:
+                from .cuda_graphs import StepGraphs  # noqa: PLC0415
+
+                self._graphs = StepGraphs(self.program)
+            return self._graphs.replay(self._seq(inputs))
+        return self.program.step(self._seq(inputs))
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return (f"Decoder(batch={self.batch}, max_len={self.max_len}, position={self.position}, "
+                f"long_convs={len(p.long_convs)}, short_convs={len(p.convs) - len(p.long_convs)}, "
+                f"segments={len(p.segments)}, cuda_graphs={self._use_graphs})")
+
+
+def _full_precision(outs: list) -> bool:
+    return all(o.dtype in (torch.float32, torch.float64) for o in outs
+               if isinstance(o, Tensor) and o.is_floating_point())
+
+
+def decoder(model: torch.nn.Module, *example_inputs, max_len: int, **options) -> Decoder:
+    """A step-wise decoder for `model`: prefill(*inputs), step(*inputs_at_t), reset().
+
+    `example_inputs` fix the batch size, the dtypes and every input without a time axis; their
+    values are used to check the decoder against the model. `options` are the backend's
+    (lcsm_compile.Settings); inner_backend="inductor" (the default) compiles the step."""
+    return Decoder(model, example_inputs, max_len, Settings.from_options(options))
