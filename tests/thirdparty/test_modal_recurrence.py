@@ -66,8 +66,9 @@ def test_recurrence_matches_lazy_and_tiled(backend, B, C, n, P, L):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_impulse_response_is_the_filter(backend):
-    """A delta through the recurrence gives back h over the full length (here 2000 taps)."""
-    C, n, L = 6, 8, 2000
+    """A delta through the recurrence gives back h over the full length (2000 taps; fewer through
+    the Triton interpreter)."""
+    C, n, L = 6, 8, 2000 if backend == "torch" or torch.cuda.is_available() else 300
     poles, residues, skip = _modal(1, C, n, seed=7, min_abs=0.99)
     h = modal_impulse_response(poles, residues, skip, L)[0]
     eng = ModalRecurrence(poles, residues, skip, 1, backend=backend)
