@@ -11,18 +11,10 @@ from .ops import causal_conv, causal_conv_reference
 from .explain import ExplainReport, explain
 from .passes.pipeline import counters
 from .settings import Settings
+from .runtime.decoder import decoder
+from .runtime.generate import generate
 
 __version__ = "0.1.0"
-
-
-def decoder(model, *example_inputs, max_len, **options):
-    """A step-wise decoder for `model`: prefill(*inputs), step(*inputs_at_t), reset()."""
-    raise NotImplementedError("lcsm_compile.decoder lands with the decode issue")
-
-
-def generate(model, input_ids, max_new_tokens, **kwargs):
-    """Greedy or sampled generation in O(L log^2 L) for a causal LCSM language model."""
-    raise NotImplementedError("lcsm_compile.generate lands with the decode issue")
 
 
 def export_onnx(model, *example_inputs, out_dir, max_len, opset=18):

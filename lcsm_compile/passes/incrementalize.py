@@ -241,8 +241,10 @@ def _check_seq_node(cg: CapturedGraph, node: fx.Node) -> str | None:
         return mixing_reason(node) or "combines time steps"
     if node.target is CAUSAL_CONV:
         return None
-    val = node.meta.get("val")
-    for v in _tensors(val):
+    reason = _acts_along_time(node)
+    if reason:
+        return reason
+    for v in _tensors(node.meta.get("val")):
         axes = _time(cg, v)
         if not axes:
             return "drops the time axis (its result has no time dimension)"
@@ -250,9 +252,6 @@ def _check_seq_node(cg: CapturedGraph, node: fx.Node) -> str | None:
             return f"has {len(axes)} time axes {tuple(v.shape)}"
         if axes[0][1] < 0:
             return f"changes the length of the time axis to {v.shape[axes[0][0]]}"
-    reason = _acts_along_time(node)
-    if reason:
-        return reason
     if node.target in _SHAPE_OPS or node.target in _INT_OPS:
         return None
     # L as a number: a symbolic int (symbolic graph) or a multiple of the capture length (static)

@@ -26,10 +26,14 @@ from ..backend import lcsm_backend, report_listeners
 from ..passes.incrementalize import IncrementalizeError, StepPlan, _filter_of, incrementalize, CAUSAL_CONV
 from ..passes.pipeline import counters
 from ..settings import Settings
+from .lazy import LazyConv
 from .step_program import StepProgram
 
 __all__ = ["Decoder", "capture", "decoder"]
 
+# How long convolutions step: the online engine (Flash Inference tiling), the lazy sum over the
+# history (the baseline), or "floor": no mixer at all (y = u; wrong outputs, for benchmarks only).
+ENGINES = {"online": None, "lazy": LazyConv, "floor": None}
 _PRIMES = (61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157)
 
 
@@ -83,10 +87,13 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 class Decoder:
-    def __init__(self, model: torch.nn.Module, example_inputs: tuple, max_len: int, settings: Settings):
+    def __init__(self, model: torch.nn.Module, example_inputs: tuple, max_len: int, settings: Settings,
+                 engine: str = "online"):
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"lcsm decoder: max_len must be a positive int, got {max_len!r}")
-        self.max_len, self.settings, self.model = max_len, settings, model
+        if engine not in ENGINES:
+            raise ValueError(f"lcsm decoder: engine must be one of {tuple(ENGINES)}, got {engine!r}")
+        self.max_len, self.settings, self.engine = max_len, settings, engine
         args = list(example_inputs)
         d = self.dim = settings.seq_dim
         self.time_args = [j for j, x in enumerate(args) if isinstance(x, Tensor) and x.dim() > d]
@@ -103,7 +110,8 @@ class Decoder:
         self.device = x0.device
         self.plan = self._plan(model, args, settings)
         compile = "inductor" if settings.inner_backend == "inductor" else "eager"
-        self.program = StepProgram(self.plan, self.device, compile=compile)
+        self.program = StepProgram(self.plan, self.device, compile=compile, floor=engine == "floor",
+                                   engine_factory=ENGINES[engine])
         self._graphs, self._prefilled = None, False
         self._use_graphs = (self.device.type == "cuda" and settings.cuda_graphs
                             and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))
@@ -164,7 +172,7 @@ class Decoder:
                                             "graph's outputs")])
             j = min(scores)[1]
             self._leaves.append(("out", j) if self.plan.output_time[j] is not None else ("const", leaf))
-        if not self.settings.verify:
+        if not self.settings.verify or self.engine == "floor":
             return
         tol = 1e-4 if _full_precision(graph_out) else 3e-2
         P0 = max(1, V // 2)
@@ -280,10 +288,11 @@ def _full_precision(outs: list) -> bool:
                if isinstance(o, Tensor) and o.is_floating_point())
 
 
-def decoder(model: torch.nn.Module, *example_inputs, max_len: int, **options) -> Decoder:
+def decoder(model: torch.nn.Module, *example_inputs, max_len: int, engine: str = "online", **options) -> Decoder:
     """A step-wise decoder for `model`: prefill(*inputs), step(*inputs_at_t), reset().
 
     `example_inputs` fix the batch size, the dtypes and every input without a time axis; their
-    values are used to check the decoder against the model. `options` are the backend's
-    (lcsm_compile.Settings); inner_backend="inductor" (the default) compiles the step."""
-    return Decoder(model, example_inputs, max_len, Settings.from_options(options))
+    values are used to check the decoder against the model. engine="online" (the O(L log^2 L)
+    tiling) or "lazy" (each step sums the whole history: the baseline). `options` are the
+    backend's (lcsm_compile.Settings); inner_backend="inductor" (the default) compiles the step."""
+    return Decoder(model, example_inputs, max_len, Settings.from_options(options), engine)
