@@ -166,7 +166,8 @@ def check_every_step(dtype, M, D, B, L, P, direct_max, tol, mode):
         err_t = (got - ref[..., P:]).norm(dim=(0, 1)) / ref[..., P:].norm(dim=(0, 1)).clamp_min(1e-300)
         worst = max(worst, err_t.max().item())
     ok = worst <= tol and not ys[P:].isnan().any().item() and eng.position == L
-    log(f"  check {str(dtype):15s} {mode:12s} M={M} D={D} B={B} L={L} P={P} direct_max={eng.direct_max}: "
+    log(f"  check {str(dtype):15s} {mode:12s} M={M} D={D} B={B} L={L} P={P} direct_max={eng.direct_max} "
+        f"dot_min={eng.dot_min}: "
         f"worst relative error over all y_t {worst:.2e} (tol {tol:.0e}) {'OK' if ok else 'FAIL'}")
     return {"dtype": str(dtype), "mode": mode, "M": M, "D": D, "B": B, "L": L, "P": P,
             "direct_max": eng.direct_max, "worst_rel_err": worst, "tol": tol, "ok": ok}
@@ -339,7 +340,7 @@ def ours_worker(B, Ls, direct_max, dot_min, smoke, out_path):
     """Child process: ours_cost for each L, one JSON line each (a crash loses only that L)."""
     M, D = (2, 8) if smoke else (18, 864)
     for L in Ls:
-        res = ours_cost(M, D, B, L, direct_max, dot_min, {L // 3, L // 2 + 1, L - 1}, breakdown=L == max(Ls))
+        res = ours_cost(M, D, B, L, direct_max, dot_min, {L // 3, L // 2 + 1, L - 1}, breakdown=L == max(Ls) and B == 1)
         log(f"  [worker] B={B} L={L}: ours {res['us_per_token_api']:.2f} us/token (api), "
             f"{res['us_per_token_tight']:.2f} (tight); check {res['check_rel_err']:.1e} "
             f"hist {res['check_history_ok']}; state+spectra {res['memory_elements']['per_MDL']:.3f} x MDL"
@@ -452,6 +453,8 @@ def main():
     ap.add_argument("--max-log2", type=int, default=18)
     ap.add_argument("--direct-max", type=int, default=None, help="skip the crossover measurement")
     ap.add_argument("--dot-min", type=int, default=None, help="tl.dot direct tiles from this size")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer correctness checks, no crossover sweep (the engine's measured defaults)")
     ap.add_argument("--plot", type=Path, default=None, help="only redraw the PNG from a results JSON")
     ap.add_argument("--ours-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-jsonl", default=None, help=argparse.SUPPRESS)
@@ -485,19 +488,24 @@ def main():
 
     log("== correctness: every y_t against fp64 ==")
     half_tol = 1e-2 if SDT == torch.bfloat16 else 1e-5
-    checks = [(SDT, half_tol, 100, None, "token_graphs", big), (SDT, half_tol, 1, None, "eager", big // 4),
-              (torch.float32, 1e-5, 0, 0, "tile_graphs", big // 4), (torch.float32, 1e-5, 7, 1 << 30, "token_graphs", big),
-              (torch.float32, 1e-5, 100, None, "token_graphs", big)]
-    for dtype, tol, P, dm, mode, L in checks:
+    # (dtype, tol, prompt, direct_max, path, L, B): B=8 takes the engine's batched defaults
+    checks = [(SDT, half_tol, 100, None, "token_graphs", big, 2), (SDT, half_tol, 1, None, "eager", big // 4, 2),
+              (torch.float32, 1e-5, 0, 0, "tile_graphs", big // 4, 2),
+              (torch.float32, 1e-5, 7, 1 << 30, "token_graphs", big, 2),
+              (torch.float32, 1e-5, 100, None, "token_graphs", big, 2),
+              (SDT, half_tol, 7, None, "eager", big // 4, 8), (torch.float32, 1e-5, 7, None, "token_graphs", big // 4, 8)]
+    if args.quick:
+        checks = [checks[i] for i in (0, 2, 5, 6)]
+    for dtype, tol, P, dm, mode, L, Bc in checks:
         try:
-            report["checks"].append(check_every_step(dtype, M, D, 2, L + 37, P, dm, tol, mode))
+            report["checks"].append(check_every_step(dtype, M, D, Bc, L + 37, P, dm, tol, mode))
         except Exception:
             traceback.print_exc()
             report["checks"].append({"dtype": str(dtype), "P": P, "mode": mode, "ok": False,
                                      "error": traceback.format_exc()[-500:]})
 
     direct_max, dot_min = args.direct_max, args.dot_min
-    if direct_max is None:
+    if direct_max is None and not args.quick:
         log("== crossover: direct (Triton) vs FFT (torch.fft) tile, M=%d D=%d B=1 ==" % (M, D))
         try:
             direct_max, dot_min, rows = crossover(M, D, 1, 64 if args.smoke else 8192,
@@ -550,7 +558,7 @@ def main():
 
     log("\n== checks ==")
     for c in report["checks"]:
-        log(f"  {c.get('dtype')} {c.get('mode')} L={c.get('L')} P={c.get('P')} dm={c.get('direct_max')}: {c.get('worst_rel_err', float('nan')):.2e} "
+        log(f"  {c.get('dtype')} {c.get('mode')} B={c.get('B')} L={c.get('L')} P={c.get('P')} dm={c.get('direct_max')}: {c.get('worst_rel_err', float('nan')):.2e} "
             f"{'OK' if c.get('ok') else 'FAIL'}")
     log(f"crossover direct_max = {direct_max}, dot_min = {dot_min}; flatness 2^17/2^12: {report.get('flatness_2e12_to_2e17')}")
     log(f"{'B':>2} {'L':>7} {'ours api':>9} {'ours tight':>10} {'lazy':>9} {'eager':>9} {'lazy/ours':>9} "

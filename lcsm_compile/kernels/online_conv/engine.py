@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import fft_tiles
 from .reference import compute_dtype
-from .schedule import DIRECT_MAX_TILE, DOT_MIN_TILE, level_at, num_levels, tile_at
+from .schedule import default_tiles, level_at, num_levels, tile_at
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -74,8 +74,9 @@ class OnlineConv:
         self.M, self.D, K = filters.shape
         self.B, self.max_len = int(batch), int(max_len)
         self.cdtype = compute_dtype(self.dtype)
-        self.direct_max = DIRECT_MAX_TILE if direct_max is None else int(direct_max)
-        self.dot_min = DOT_MIN_TILE if dot_min is None else int(dot_min)
+        default_direct_max, default_dot_min = default_tiles(self.B)
+        self.direct_max = default_direct_max if direct_max is None else int(direct_max)
+        self.dot_min = default_dot_min if dot_min is None else int(dot_min)
         self.work_bytes = work_bytes
         self._interpret = self.device.type != "cuda"
         self._fuse_level0 = backend == "triton" and self.direct_max >= 1

@@ -60,12 +60,16 @@ def capture_tile_graphs(eng: OnlineConv) -> dict[int, torch.cuda.CUDAGraph]:
 def _capture(eng: OnlineConv, work: Callable[[int], None]) -> dict[int, torch.cuda.CUDAGraph]:
     levels = _levels(eng)
     with scratch_position(eng):
+        scratch = eng.pos.clone()
         stream = torch.cuda.Stream(eng.device)
         stream.wait_stream(torch.cuda.current_stream(eng.device))
         with torch.cuda.stream(stream):
             for level in levels:  # compiles kernels, makes cuFFT plans; repeated once for the allocator
-                work(level)
-                work(level)
+                for _ in range(2):
+                    # every call moves the device position on: back to the scratch position, or
+                    # the warm-up would walk past max_len
+                    eng.pos.copy_(scratch)
+                    work(level)
         torch.cuda.current_stream(eng.device).wait_stream(stream)
         pool = torch.cuda.graph_pool_handle()
         graphs = {}

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Tiles of at most this many positions are direct block-Toeplitz products; larger ones are
-# FFTs on cached filter spectra. Chosen by measurement on an H100 (benchmarks/NOTES_online_conv.md).
-DIRECT_MAX_TILE = 64
+# Direct (block-Toeplitz) tiles up to DIRECT_MAX_TILE positions, FFT tiles beyond; direct tiles
+# as scalar FMAs below DOT_MIN_TILE, as tl.dot from it (tl.dot needs every dimension >= 16).
+# Measured on an H100, M=18, D=864, bf16 state (benchmarks/NOTES_online_conv.md, 2026-11):
+#   B=1: FMA 2.5/3.4/4.5/8.3/14.8 us for U=2..32, tl.dot 16.5/22.8/55 us for U=16/32/64,
+#        FFT 14-24 us up to U=32 and 41 us at 64  -> direct up to 32, FMA throughout;
+#   B=8: FMA 16.5/21/32/50 us for U=2..16, tl.dot 28/52/195/638 us for U=16..128,
+#        FFT 84/154/303/596 us                    -> direct up to 64, tl.dot from 16.
+DIRECT_MAX_TILE = 32
+DOT_MIN_TILE = 64
 
-# Below this tile size the direct kernel uses scalar FMAs over a block of channels; from it up,
-# one tl.dot per channel (tl.dot needs every dimension >= 16).
-DOT_MIN_TILE = 16
+
+def default_tiles(batch: int) -> tuple[int, int]:
+    """(direct_max, dot_min) for a batch size, from the measurements above."""
+    return (DIRECT_MAX_TILE, DOT_MIN_TILE) if batch < 4 else (64, 16)
 
 
 class Tile(NamedTuple):

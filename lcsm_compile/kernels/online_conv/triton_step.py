@@ -30,12 +30,13 @@ def _online_step_kernel(
     i_m = tl.program_id(1)
     m = (m0 + i_m).to(tl.int64)
     o_n = i_n * BLOCK + tl.arange(0, BLOCK)
-    m_n = o_n < B * D
     o_b = (o_n // D).to(tl.int64)
     o_d = (o_n % D).to(tl.int64)
 
     t = tl.load(pos_ptr)
     tl.store(pos_ptr + 1, t, mask=(i_n == 0) & (i_m == 0))
+    # a replay past max_len (a caller's bug) must not write outside X and A
+    m_n = (o_n < B * D) & (o_n * 0 + t < L)
 
     b_u = tl.load(u_ptr + i_m * su_m + o_b * su_b + o_d * su_d, mask=m_n, other=0.0)
     p_h = h_ptr + (m * D + o_d) * KH

@@ -39,6 +39,7 @@ def _tile_fma_kernel(
     dst = t + 1
     o_p = tl.arange(0, UP)
     m_p = (o_p < U) & (dst + o_p < L)
+    m_c = m_c & (o_c * 0 + t < L)  # never read past the history (a replay past max_len)
     for b in range(B):
         row = (o_m * B + b) * D + o_d
         acc = tl.zeros((BLOCK_C, UP), dtype=tl.float32)
@@ -74,7 +75,7 @@ def _tile_dot_kernel(
             d = c % D
             for b0 in range(0, B, BB):
                 o_b = b0 + tl.arange(0, BB)
-                m_b = o_b < B
+                m_b = (o_b < B) & (o_b * 0 + t < L)
                 row = (m * B + o_b) * D + d
                 acc = tl.zeros((BB, BP), dtype=tl.float32)
                 for j0 in range(0, U, BJ):
@@ -96,7 +97,7 @@ def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.cons
     o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)
     o_j = i_j * BJ + tl.arange(0, BJ)
     m_r = o_r < R
-    m_x = m_r[:, None] & (o_j < U)[None, :]
+    m_x = m_r[:, None] & ((o_j < U) & (t + 1 - U + o_j < L))[None, :]
     b_x = tl.load(x_ptr + o_r[:, None] * L + (t + 1 - U) + o_j[None, :], mask=m_x, other=0.0)
     tl.store(w_ptr + o_r[:, None] * (2 * U) + o_j[None, :], b_x.to(tl.float32), mask=m_r[:, None])
 
