@@ -16,7 +16,7 @@ from ..settings import Settings
 from .capture import CapturedGraph
 from .fold import fold
 from .match import Rejection, match
-from .region import describe_node
+from .region import backward_slice, describe_node
 from .rewrite import rewrite
 from .seq_axis import MIXING, mixing_reason, seq_axis
 from .verify import Mixer, verify
@@ -68,9 +68,6 @@ def run_pipeline(cg: CapturedGraph, settings: Settings) -> CompileReport:
     covered: set[fx.Node] = set()
     for alternatives in proposals:
         for region in alternatives:
-            covered |= set(region.nodes) | {region.seed, region.y}
-            from .region import backward_slice  # noqa: PLC0415
-
             covered |= set(backward_slice(region.y, region.u)[0])
     for mx in mixers:
         report.mixers.append(

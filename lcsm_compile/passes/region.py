@@ -33,8 +33,7 @@ class Region:
 
 def describe_node(node: fx.Node) -> str:
     """`aten._fft_r2c (model.py:42 in forward)` style: the op and the user's source line."""
-    target = getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else node.name
-    target = str(node.target).replace("aten.", "aten.") if node.op == "call_function" else target
+    target = str(node.target) if node.op == "call_function" else node.name
     where = ""
     trace = node.meta.get("stack_trace")
     if trace:

@@ -12,8 +12,6 @@ so nothing downstream trusts them alone: the verifier's numbers decide.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
@@ -138,5 +136,3 @@ def is_static(node: fx.Node) -> bool:
     """Independent of the sequence inputs (may still depend on L)."""
     return not node.meta.get("lcsm_seq", False)
 
-
-_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg}
