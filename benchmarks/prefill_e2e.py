@@ -1,0 +1,112 @@
+"""End-to-end prefill of the Hyena 153M config: eager vs inductor vs torch.compile(backend="lcsm").
+
+Checks each compiled forward against eager first (bf16 relative error), then times the three
+side by side (median of CUDA-event timings, warm-up and compilation excluded), prints a short
+table last and writes benchmarks/results/prefill_e2e_<device>.json and a PNG.
+
+    python benchmarks/prefill_e2e.py [--lengths 2048 8192 32768] [--batch 1] [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import lcsm_compile
+from lcsm_compile.backend import lcsm_backend
+from lcsm_compile.zoo import hyena_153m
+
+
+def bench_ms(fn, reps: int = 10) -> float:
+    import triton.testing  # noqa: PLC0415
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_e2e: needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = hyena_153m(max_len=max(args.lengths)).cuda().eval().to(dtype)
+    runners = {
+        "eager": model,
+        "inductor": torch.compile(model),
+        "lcsm": torch.compile(model, backend=lcsm_backend),
+    }
+    rows = []
+    with torch.no_grad():
+        for L in args.lengths:
+            ids = torch.randint(0, 50257, (args.batch, L), device="cuda")
+            ref = model(ids)
+            row = {"L": L, "batch": args.batch}
+            lcsm_compile.counters.clear()
+            for name, fn in runners.items():
+                y = fn(ids)
+                row[f"{name}_rel_err"] = rel(y, ref)
+            row["lcsm_rewrites"] = sum(lcsm_compile.counters["rewrite"].values())
+            for name, fn in runners.items():
+                row[f"{name}_ms"] = bench_ms(lambda fn=fn: fn(ids))
+            row["lcsm_vs_eager"] = row["eager_ms"] / row["lcsm_ms"]
+            row["lcsm_vs_inductor"] = row["inductor_ms"] / row["lcsm_ms"]
+            rows.append(row)
+            print("row", row, flush=True)
+    device = torch.cuda.get_device_name()
+    import triton  # noqa: PLC0415
+
+    result = {
+        "benchmark": "prefill_e2e",
+        "model": "hyena_153m (18 x 864, filter order 64)",
+        "dtype": args.dtype,
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device.split()[1].lower() if len(device.split()) > 1 else "gpu"
+    (out / f"prefill_e2e_{tag}.json").write_text(json.dumps(result, indent=1))
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in runners:
+        ax.loglog([r["L"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("prefill time (ms)")
+    ax.set_title(f"Hyena-153M prefill, B={args.batch}, {args.dtype}\n{device}, {result['date']}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / f"prefill_e2e_{tag}.png", dpi=120)
+    print(f"\n{device} | torch {torch.__version__} | triton {triton.__version__} | {result['date']} | {args.dtype} B={args.batch}")
+    print(f"{'L':>7} {'eager ms':>9} {'inductor':>9} {'lcsm':>9} {'vs eager':>9} {'vs ind':>7} {'err lcsm':>9} {'rewrites':>8}")
+    for r in rows:
+        print(
+            f"{r['L']:>7} {r['eager_ms']:>9.2f} {r['inductor_ms']:>9.2f} {r['lcsm_ms']:>9.2f} "
+            f"{r['lcsm_vs_eager']:>8.2f}x {r['lcsm_vs_inductor']:>6.2f}x {r['lcsm_rel_err']:>9.1e} {r['lcsm_rewrites']:>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()
