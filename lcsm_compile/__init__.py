@@ -17,9 +17,7 @@ from .runtime.generate import generate
 __version__ = "0.1.0"
 
 
-def export_onnx(model, *example_inputs, out_dir, max_len, opset=18):
-    """Write the static parts as ONNX graphs, folded filters as external data, and a manifest."""
-    raise NotImplementedError("lcsm_compile.export_onnx lands with the ONNX issue")
+from .export.onnx_export import export_onnx  # noqa: E402 - the ONNX artifact (export/)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import operator
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -146,18 +147,13 @@ def _batched(x: Any, seq_dim: int, index: int) -> Any:
     return x
 
 
-def _compile_once(model: nn.Module, inputs: list, options: dict) -> tuple[list, list]:
-    got: list = []
-    listener = lambda report, cg: got.append((report, cg))  # noqa: E731
-    compiled = torch.compile(model, backend=functools.partial(lcsm_backend, options=options), dynamic=None)
-    report_listeners.append(listener)
-    try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-            warnings.simplefilter("always")
-            compiled(*inputs)
-    finally:
-        report_listeners.remove(listener)
-    return got, [str(w.message) for w in caught if str(w.message).startswith("lcsm")]
+def _fresh_caller(model: nn.Module):
+    """A new code object per capture, so dynamo's cache (and its recompile limit) start empty."""
+    def call(*args):
+        return model(*args)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, "lcsm_export_capture", None,
+                              call.__closure__)
 
 
 def capture(model: nn.Module, example_inputs: tuple, max_len: int, seq_dim: int = 1) -> ExportPlan:
@@ -169,28 +165,34 @@ def capture(model: nn.Module, example_inputs: tuple, max_len: int, seq_dim: int 
         if isinstance(x, Tensor) and x.shape[seq_dim] > max_len:
             raise ExportError(f"export: example input {i} has length {x.shape[seq_dim]} > max_len={max_len}")
     options = {"inner_backend": "eager", "max_len": max_len, "strict": False, "seq_dim": seq_dim}
+    got: list = []
+    listener = lambda report, cg: got.append((report, cg))  # noqa: E731
+    compiled = torch.compile(_fresh_caller(model), backend=functools.partial(lcsm_backend, options=options),
+                             fullgraph=True)
     was_training = model.training
     model.eval()
+    report_listeners.append(listener)
     try:
-        got, warned = _compile_once(model, inputs, options)
-        if not got:  # dynamo reused a graph compiled before (or hit its recompile limit): start afresh
-            torch._dynamo.reset()
-            got, warned = _compile_once(model, inputs, options)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            compiled(*inputs)
+    except Exception as e:  # noqa: BLE001 - a graph break or an error while tracing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"export: cannot capture the model as one graph ({type(e).__name__}: {first})") from e
     finally:
+        report_listeners.remove(listener)
         model.train(was_training)
-    if not got:
-        why = "; ".join(warned) or "dynamo produced no graph"
-        raise ExportError(f"export: the lcsm pipeline did not process this model: {why}")
-    if len(got) > 1:
-        raise ExportError(f"export: the model compiles to {len(got)} graphs (graph breaks); export needs one graph. "
-                          "Run torch._dynamo.explain(model)(*inputs) to find the breaks")
+    if len(got) != 1:
+        why = "; ".join(str(w.message) for w in caught if str(w.message).startswith("lcsm")) or "no graph"
+        raise ExportError(f"export: the lcsm pipeline did not process this model as one graph: {why}")
     report, cg = got[0]
     if report.unsupported:
         parts = "; ".join(f"{u.node}: {u.reason}" for u in report.unsupported)
         raise ExportError(f"export: cannot export, part of the model cannot be rewritten for decoding: {parts}")
     if not cg.symbolic:
-        raise ExportError("export: the time dim was specialised during capture (the model branches on the "
-                          "length?); export needs a graph valid for every length up to max_len")
+        raise ExportError("export: the time dim was specialised during capture (the model computes with the "
+                          "length as a Python int, e.g. an FFT size from L.bit_length()); export needs one graph "
+                          "valid for every length up to max_len")
     return _plan(cg, report, max_len, inputs)
 
 
