@@ -33,6 +33,11 @@ pos[1] and writes pos[0] = t + 1. What changes with t is only *which* tile runs,
 Level-0 tiles (every other position) ride inside the step kernel (A[t+1] += h[1] u), so those
 positions cost one step launch plus the position update.
 
+Tile kinds (schedule.default_tiles, measured on an H100): direct tiles up to direct_max (32 for
+B < 4, 64 from B = 4), as scalar FMAs below dot_min and tl.dot from it (never at B < 4, from
+16 at B >= 4), FFT tiles above. Decode cost on an H100 (M=18, D=864, B=1, bf16): 9-13 µs per
+token for L = 2^10 .. 2^18, 269x the lazy decoder at 2^17 (benchmarks/NOTES_online_conv.md).
+
 Errors leave the state as it was: ValueError for bad arguments (shape, dtype, device, a prompt
 longer than max_len), RuntimeError for calls out of order (a step before prefill, past max_len,
 an advance before every mixer stepped, a prefill after decoding started).
