@@ -94,6 +94,10 @@ def lcsm_backend(
         _warn_once(message)
     if not report.rewrites:
         return inner_compile(gm, example_inputs, settings)
+    if settings.decode:  # prefix-extension serving (runtime/serving.py); the plain graph as fallback
+        from .runtime.serving import serve  # noqa: PLC0415 - the decode runtime loads on demand
+
+        return serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings))
     # The rewritten ATen graph takes the same flat inputs as the dynamo graph; the inner compiler
     # treats it like any dynamo graph (inductor lifts the folded filters as constants).
     return inner_compile(cg.gm, example_inputs, settings)

@@ -324,6 +324,10 @@ def evaluate(plan_or_cg, nodes: list[fx.Node], env: dict, n: int,
     return env
 
 
+def _is_time_symbol(cg: CapturedGraph, inp) -> bool:
+    return cg.symbolic and sym_expr(inp.node.meta.get("val")) == cg.time_symbol
+
+
 def input_env(cg: CapturedGraph, values: list | None, n: int) -> dict:
     """Placeholder values: `values` for sequence inputs (graph order; None: leave them out),
     the real weights, n for L."""
@@ -333,7 +337,7 @@ def input_env(cg: CapturedGraph, values: list | None, n: int) -> dict:
         if inp.role == "static":
             env[inp.node] = inp.value
         elif inp.role == "sym":
-            env[inp.node] = n
+            env[inp.node] = n if _is_time_symbol(cg, inp) else inp.value
         elif values is not None:
             env[inp.node] = next(seq)
     return env
@@ -387,9 +391,6 @@ def incrementalize(cg: CapturedGraph, settings: Settings, max_len: int, unsuppor
     if unsupported:
         raise IncrementalizeError([(u.node, u.reason) for u in unsupported])
     problems: list[tuple[str, str]] = []
-    for inp in cg.inputs:
-        if inp.role == "sym" and (not cg.symbolic or sym_expr(inp.node.meta.get("val")) != cg.time_symbol):
-            problems.append((inp.node.name, f"a dynamic size other than the time axis ({inp.source})"))
     seq_axis(cg)
     if not cg.symbolic:
         _annotate_static(cg)
@@ -411,6 +412,9 @@ def incrementalize(cg: CapturedGraph, settings: Settings, max_len: int, unsuppor
         elif not isinstance(node.meta.get("val"), Tensor):
             stack.extend(ins)  # an int: evaluate what it is computed from
     order = [n for n in graph.nodes if n in needed]
+    for inp in cg.inputs:  # another dynamic size (e.g. a stride) is fine where nothing reads it
+        if inp.role == "sym" and not _is_time_symbol(cg, inp) and any(u in needed for u in inp.node.users):
+            problems.append((inp.node.name, f"a dynamic size other than the time axis ({inp.source})"))
     seq_inputs = [i.node for i in cg.inputs if i.role == "sequence"]
     frontier = [n for n in order if _is_value(n) and not n.meta.get("lcsm_seq")]
 
