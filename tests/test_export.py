@@ -297,3 +297,39 @@ def test_bad_calls_raise_clear_errors(exported):
         dec.step(x[:, :1])
     with pytest.raises(ValueError, match="max_len=500 must be in"):
         OnnxDecoder(out, max_len=500)
+
+
+_TORCH_FREE = r"""
+import importlib.util, sys
+import numpy as np
+sys.modules["torch"] = None  # any `import torch` now fails
+here, art, data = sys.argv[1:4]
+spec = importlib.util.spec_from_file_location("lcsm_onnx_runtime", here + "/__init__.py",
+                                              submodule_search_locations=[here])
+pkg = importlib.util.module_from_spec(spec)
+sys.modules["lcsm_onnx_runtime"] = pkg
+spec.loader.exec_module(pkg)
+from lcsm_onnx_runtime.onnx_decoder import OnnxDecoder
+dec = OnnxDecoder(art)
+assert dec.mixer_backend == "numpy", dec.mixer_backend
+x = np.load(data + "/x.npy")
+outs = [dec.prefill(x[:, :5])] + [dec.step(x[:, t : t + 1]) for t in range(5, x.shape[1])]
+np.save(data + "/y.npy", np.concatenate(outs, 1))
+"""
+
+
+def test_the_decoder_runs_without_torch(exported, tmp_path):
+    """export/ holds a torch-free runtime (onnx_decoder, manifest, online_conv_numpy): numpy + onnxruntime."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lcsm_compile.export as export_pkg
+
+    model, out, _ = exported("h3_lm")
+    x = _inputs("h3_lm", model, 2, 14, seed=9)
+    np.save(tmp_path / "x.npy", x.numpy())
+    here = str(Path(export_pkg.__file__).parent)
+    subprocess.run([sys.executable, "-c", _TORCH_FREE, here, str(out), str(tmp_path)], check=True, timeout=120)
+    got = np.load(tmp_path / "y.npy")
+    assert max_error(got, _eager(model, x)[:, 4:]) <= TOL
