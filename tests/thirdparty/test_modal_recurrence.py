@@ -197,3 +197,16 @@ def test_errors_and_reset():
         eng.step(0, torch.ones(2, 3))
     eng.reset()
     assert eng.position == 0 and eng.prompt_len is None and not eng.S.abs().any()
+
+
+def test_scratch_position_restores_the_state():
+    poles, residues, skip = _modal(1, 3, 2, seed=1)
+    eng = ModalRecurrence(poles, residues, skip, 1)
+    eng.prefill(0, torch.randn(1, 3, 5))
+    before = eng.S.clone()
+    with eng.scratch_position():
+        eng.step(0, torch.randn(1, 3))
+        assert not torch.equal(eng.S, before)
+    assert torch.equal(eng.S, before) and eng.position == 5 and eng.n_levels == 0
+    eng.step(0, torch.randn(1, 3))  # the scratch step does not count as this position's step
+    eng.advance()

@@ -21,6 +21,7 @@ ValueError for bad arguments, RuntimeError for calls out of order (like `OnlineC
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -93,6 +94,10 @@ class ModalRecurrence:
             filters = filters.to(device=self.device, dtype=self.rdtype)
         self._filters = filters
         self.S = torch.zeros(M, self.B, C, n, dtype=cdtype, device=self.device)
+        # OnlineConv's graph interface: no tile levels, and a device position the steps never read
+        # (kept so code that saves and restores `pos` around graph warm-ups works unchanged).
+        self.n_levels = 0
+        self.pos = torch.zeros(3, dtype=torch.int64, device=self.device)
         self.reset()
 
     # ---------------------------------------------------------------- host state
@@ -115,6 +120,7 @@ class ModalRecurrence:
         self._prefilled = [False] * self.M
         self._stepped: set[int] = set()
         self.S.zero_()
+        self.pos.zero_()
 
     def memory_elements(self) -> dict:
         """Elements of decode state (a complex value counts 2), beyond the poles and residues."""
@@ -172,6 +178,7 @@ class ModalRecurrence:
         self.S[m] = modal_state(u, self.poles64[m], work_bytes=self.work_bytes) if P else 0
         if self._prompt_len is None:
             self._prompt_len = self._position = P
+            self.pos.fill_(P)
         self._prefilled[m] = True
         return y
 
@@ -230,6 +237,19 @@ class ModalRecurrence:
 
     def capture_graphs(self) -> None:
         """Nothing to capture: the steps are position-independent launches."""
+
+    @contextmanager
+    def scratch_position(self):
+        """Device work inside (graph warm-ups, captures) leaves no trace: the state is restored."""
+        saved = (self.S.clone(), self.pos.clone())
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.S.copy_(saved[0])
+            self.pos.copy_(saved[1])
+            self._stepped.clear()
 
     def advance(self, launch: bool = True, check: bool = True) -> None:
         """Move to the next position (after every mixer stepped, unless check=False)."""
