@@ -78,8 +78,12 @@ def test_every_file_passes_the_checker(exported, name):
     # Filters are external data of the graphs (not copies inside them).
     model_proto = onnx.load(str(out / manifest["prefill"]["file"]), load_external_data=False)
     locations = {e.value for t in model_proto.graph.initializer for e in t.external_data if e.key == "location"}
-    long = [mx for mx in manifest["mixers"] if mx["kind"] == "long"]
-    assert {mx["filter_file"] for mx in long} <= locations
+    dft = [mx for mx in manifest["mixers"] if mx["prefill_op"] == "DFT"]
+    assert {mx["filter_file"] for mx in dft} <= locations
+    for mx in manifest["mixers"]:
+        if mx["kind"] == "short" and mx["filter_length"] > 1:
+            seg = onnx.load(str(out / manifest["segments"][mx["segment"]]["file"]), load_external_data=False)
+            assert any(e.value == mx["filter_file"] for t in seg.graph.initializer for e in t.external_data)
 
 
 def test_step_segments_have_fixed_shapes_and_dynamic_batch(exported):

@@ -31,6 +31,9 @@ __all__ = ["GraphSpec", "IOSpec", "PositionalTable", "StepProgram", "build_prefi
 
 aten = torch.ops.aten
 BATCH, LENGTH = "batch", "length"
+# Prefill: filters up to this many taps run as a padded depthwise Conv, longer ones as DFTs
+# (onnxruntime CPU, C=64: Conv 0.31 ms vs DFT 0.48 ms at K=L=128; 1.8 vs 1.07 ms at 256).
+PREFILL_CONV_MAX = 128
 _END = 2**62
 
 
@@ -126,6 +129,9 @@ def build_prefill(plan: ExportPlan) -> GraphSpec:
             c.env[node], state = _short_conv_full(c, m, x)
             if state is not None:
                 extras.append((_state_spec(plan, m, f"{m.name}.state"), state))
+        elif m.filter_length <= PREFILL_CONV_MAX:
+            c.env[node], _ = _short_conv_full(c, m, x)
+            extras.append((_spec(plan, f"{m.name}.u", m.input.meta["val"], step=False), x))
         else:
             h = c.buffer(f"lcsm_filter_{m.index}", m.filter.to(m.input.meta["val"].dtype))
             L = c.graph.call_function(aten.sym_size.int, (x, 2))
@@ -151,7 +157,7 @@ def _state_spec(plan: ExportPlan, m: MixerSpec, name: str) -> IOSpec:
 
 
 def _short_conv_full(c: GraphCopier, m: MixerSpec, x: fx.Node):
-    """Conv over the prompt (left pad K-1, flipped filter) and the state after it (newest first)."""
+    """Conv over the prompt (left pad K-1, flipped filter) and the ring buffer after it (newest first)."""
     g, K = c.graph, m.filter_length
     dtype = m.input.meta["val"].dtype
     xp = g.call_function(aten.constant_pad_nd.default, (x, [K - 1, 0])) if K > 1 else x

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graphs import BATCH, LENGTH, GraphSpec, IOSpec, build_prefill, build_step_program, combine_segments
+from .graphs import BATCH, LENGTH, PREFILL_CONV_MAX, GraphSpec, IOSpec, build_prefill, build_step_program, combine_segments
 from .manifest import FORMAT, FORMAT_VERSION, write_manifest
 from .onnx_conv import causal_conv_translation
 from .program import CAUSAL_CONV, LONG, ExportError, ExportPlan, capture, describe
@@ -270,7 +270,8 @@ def _manifest(plan: ExportPlan, prefill: GraphSpec, program, files: dict, opset:
         entry = {"index": m.index, "name": m.name, "kind": m.kind, "channels": m.channels,
                  "filter_length": m.filter_length, "fold_length": plan.max_len,
                  "filter_file": f"filters/{m.name}.bin", "filter_dtype": _dtype(m.input.meta["val"].dtype),
-                 "filter_shape": [m.channels, m.filter_length], "source": m.source}
+                 "filter_shape": [m.channels, m.filter_length], "source": m.source,
+                 "prefill_op": "Conv" if m.kind != LONG or m.filter_length <= PREFILL_CONV_MAX else "DFT"}
         if m.kind == LONG:
             entry.update(step="online_conv", input=program.names[m.input], output=f"{m.name}.y",
                          prefill_output=f"{m.name}.u")
@@ -290,7 +291,8 @@ def _manifest(plan: ExportPlan, prefill: GraphSpec, program, files: dict, opset:
                     for k, s in enumerate(prefill.outputs[:n_out])],
         "prefill": {"file": files["files"][0], "inputs": [_io(s) for s in prefill.inputs],
                     "outputs": [_io(s) for s in prefill.outputs],
-                    "convolution": {"long": "DFT, power-of-two length (onnx_conv.py)", "short": "Pad + depthwise Conv"}},
+                    "convolution": f"Pad + depthwise Conv for filters of <= {PREFILL_CONV_MAX} taps, else DFT "
+                                   "at a power-of-two length (onnx_conv.py)"},
         "segments": [{"index": k, "file": files["files"][k + 1], "inputs": [_io(s) for s in seg.inputs],
                       "outputs": [_io(s) for s in seg.outputs]} for k, seg in enumerate(program.segments)],
         "schedule": [{"segment": a} if kind == "segment" else {"mixers": a} for kind, a in program.schedule],
