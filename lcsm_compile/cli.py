@@ -145,6 +145,11 @@ def pick_device(name: str) -> str:
     return name
 
 
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def not_in_build(what: str, e: NotImplementedError) -> CliError:
     return CliError(f"{what} is not available in this build of lcsm_compile ({e})")
 
@@ -195,6 +200,7 @@ def describe(inputs) -> str:
 def cmd_generate(args) -> int:
     import torch  # noqa: PLC0415
     import lcsm_compile  # noqa: PLC0415
+    from .runtime import IncrementalizeError  # noqa: PLC0415
 
     device = pick_device(args.device)
     model, make = model_and_inputs(args)
@@ -208,27 +214,54 @@ def cmd_generate(args) -> int:
         (ids,) = make(1, args.prompt_len, torch.Generator().manual_seed(args.seed))
     if ids.dtype != torch.long:
         raise CliError(f"{args.model} takes float features, not token ids; generate needs a language model")
-    kwargs = {"do_sample": args.do_sample, "progress": not args.no_progress}
+    kwargs = {"do_sample": args.do_sample, "progress": not args.no_progress, "eos_token_id": args.eos_token_id,
+              "inner_backend": args.inner_backend or ("inductor" if device == "cuda" else "eager")}
     if args.do_sample:
-        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      generator=torch.Generator(device).manual_seed(args.seed))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     params = inspect.signature(lcsm_compile.generate).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         missing = [k for k in kwargs if k not in params]
         if missing:
             raise CliError(f"this build's lcsm_compile.generate does not take {', '.join(missing)}")
+    total, limit = ids.shape[1] + args.max_new_tokens, getattr(model, "max_len", None)
+    if isinstance(limit, int) and total > limit:
+        raise CliError(f"prompt + new tokens = {total} exceeds {args.model}'s max_len {limit}")
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    ids = ids.to(device)
+    warnings.filterwarnings("ignore", message="lcsm:")  # an error below names the same reasons
     try:
-        out = lcsm_compile.generate(model, ids.to(device), args.max_new_tokens, **kwargs)
+        start = time.perf_counter()
+        setup = build_decoder(model, ids, args.max_new_tokens, kwargs["inner_backend"])
+        start = time.perf_counter()
+        out = lcsm_compile.generate(model, ids, args.max_new_tokens, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
     except NotImplementedError as e:
         raise not_in_build("generate()", e) from e
+    except IncrementalizeError as e:  # the model cannot be decoded step by step; says where and why
+        raise CliError(f"{args.model} cannot be decoded step by step: {one_line(e)}") from e
+    except ValueError as e:
+        raise CliError(f"generate: {one_line(e)}") from e
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:].tolist()
     print(f"prompt ({ids.shape[1]} tokens): {ids[0].tolist()}")
     print(f"generated ({len(new)} tokens): {new}")
-    print(f"{len(new) / seconds:.1f} tokens/s on {device} (including decoder setup, {seconds:.2f} s)")
+    setup = f"decoder built in {setup:.1f} s" if setup is not None else "including the decoder's setup"
+    print(f"{len(new) / seconds:.1f} tokens/s on {device} ({len(new)} tokens in {seconds:.2f} s; {setup})")
     return 0
+
+
+def build_decoder(model, ids, max_new_tokens: int, inner_backend: str) -> float | None:
+    """Build (and cache) the decoder generate() will use, so its time is not counted as decoding."""
+    try:
+        from .runtime.generate import cached_decoder  # noqa: PLC0415
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    cached_decoder(model, ids, ids.shape[1] + max_new_tokens, {"inner_backend": inner_backend})
+    return time.perf_counter() - start
 
 
 def cmd_export(args) -> int:
@@ -240,11 +273,25 @@ def cmd_export(args) -> int:
     max_len = args.max_len or getattr(model, "max_len", None)
     if not max_len:
         raise CliError(f"{args.model}: pass --max-len (the model has no max_len attribute)")
+    kwargs = {"out_dir": args.out_dir, "max_len": max_len, "opset": args.opset}
+    if args.no_check:
+        kwargs["check"] = False
+    warnings.filterwarnings("ignore", message="lcsm:")  # an error below names the same reasons
+    start = time.perf_counter()
     try:
-        lcsm_compile.export_onnx(model, *inputs, out_dir=args.out_dir, max_len=max_len, opset=args.opset)
+        manifest = lcsm_compile.export_onnx(model, *inputs, **kwargs)
     except NotImplementedError as e:
         raise not_in_build("ONNX export (lcsm_compile.export_onnx)", e) from e
-    print(f"exported {args.model} to {args.out_dir}/ (max_len {max_len}, opset {args.opset})")
+    except (ValueError, RuntimeError) as e:  # ExportError, IncrementalizeError, a bad opset or length
+        raise CliError(f"{args.model} cannot be exported: {one_line(e)}") from e
+    out = Path(args.out_dir)
+    print(f"exported {args.model} to {out}/ in {time.perf_counter() - start:.1f} s "
+          f"(max_len {max_len}, opset {args.opset}"
+          + (f", {len(manifest.get('mixers', []))} mixer(s)" if isinstance(manifest, dict) else "") + ")")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(out)!s:32s} {path.stat().st_size / 1024:9.1f} KiB")
+    if not args.no_check:
+        print("checked: the artifact run with onnxruntime (prefill, then steps) matches the eager model")
     return 0
 
 
@@ -404,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--eos-token-id", type=int, default=None, help="stop once every sequence has produced it")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    p.add_argument("--inner-backend", choices=("eager", "inductor", "aot_eager"), default=None,
+                   help="compiler for the step's non-mixer parts (default: eager on CPU, inductor on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -415,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="folder to write the artifact to")
     p.add_argument("--max-len", type=int, default=None, help="longest sequence to serve (default: the model's max_len)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running the artifact with onnxruntime against the eager model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="run the GPU benchmarks and print their results",
