@@ -168,8 +168,8 @@ def _poles_of(node: fx.Node, env: dict, L: int) -> tuple[fx.Node, Tensor, int] |
     out_shape = value.select(tdim, 0).shape
     poles = None
     if node.target in _EXP:
-        x = _exponent(node, value, env)
-        if x is not None and x.shape[tdim] == L:
+        x = _exponent(node, value, env, tdim)
+        if x is not None:
             # exp(a + t log p): the step of the exponent from t = 0 to t = 1, in fp64
             poles = torch.exp(x.select(tdim, 1).to(torch.complex128) - x.select(tdim, 0).to(torch.complex128))
     elif node.target is aten.pow.Scalar and isinstance(node.args[0], (int, float, complex)):
@@ -179,32 +179,41 @@ def _poles_of(node: fx.Node, env: dict, L: int) -> tuple[fx.Node, Tensor, int] |
         if base.dim() == value.dim() and base.shape[tdim] == 1:
             poles = base.select(tdim, 0).to(torch.complex128)
     if poles is None:
-        poles = _ratio_poles(value.to(torch.complex128), tdim)
+        poles = _ratio_poles(value, tdim)
     return node, poles.expand(out_shape).to(value.device), tdim
 
 
-def _exponent(node: fx.Node, value: Tensor, env: dict) -> Tensor | None:
-    """The input of an exp node: its arg, or (args erased) the cached value whose exp it is."""
+def _exponent(node: fx.Node, value: Tensor, env: dict, tdim: int) -> Tensor | None:
+    """The first two time steps of an exp node's input: from its arg, or (args erased) from the
+    cached value whose exp it is (compared on those steps and the last: filters at max_len are
+    large, so nothing here touches more than three time steps)."""
     arg = node.args[0] if node.args else None
     if isinstance(arg, fx.Node) and isinstance(env.get(arg), Tensor):
-        return env[arg]
+        x = env[arg]
+        return x.narrow(tdim, 0, 2) if x.dim() == value.dim() and x.shape[tdim] == value.shape[tdim] else None
+    L = value.shape[tdim]
+    idx = torch.tensor([0, 1, L - 1], device=value.device)
+    want = value.index_select(tdim, idx)
     for other, x in env.items():
         if (isinstance(other, fx.Node) and other is not node and isinstance(x, Tensor) and x.shape == value.shape
-                and x.dtype == value.dtype and torch.equal(torch.exp(x), value)):
-            return x
+                and x.dtype == value.dtype):
+            xs = x.index_select(tdim, idx)
+            if torch.equal(torch.exp(xs), want):
+                return xs.narrow(tdim, 0, 2)
     return None
 
 
-def _ratio_poles(v: Tensor, tdim: int) -> Tensor:
+def _ratio_poles(value: Tensor, tdim: int) -> Tensor:
     """p from v[t] = c p^t: v[1] / v[0], refined over a longer span T (fp32 values hold p to
     ~1e-7; the T-th root of the residual ratio, near 1, carries that error down by T)."""
-    v = v.movedim(tdim, -1)
-    p = v[..., 1] / v[..., 0]
-    L = v.shape[-1]
+    L = value.shape[tdim]
     T = min(L - 1, 64)
+    v = value.index_select(tdim, torch.tensor([0, 1, T], device=value.device)).movedim(tdim, -1)
+    v = v.to(torch.complex128)
+    p = v[..., 1] / v[..., 0]
     if T > 1:
-        ratio = v[..., T] / (v[..., 0] * p**T)
-        ok = torch.isfinite(ratio) & ((ratio - 1).abs() < 0.1) & (v[..., T].abs() > 1e-30)
+        ratio = v[..., 2] / (v[..., 0] * p**T)
+        ok = torch.isfinite(ratio) & ((ratio - 1).abs() < 0.1) & (v[..., 2].abs() > 1e-30)
         p = torch.where(ok, p * ratio ** (1.0 / T), p)
     return torch.where(torch.isfinite(p), p, torch.zeros_like(p))
 
@@ -273,7 +282,7 @@ def _least_squares(h: Tensor, poles: Tensor) -> Tensor:
     V = torch.where(zero, torch.zeros_like(V), V)  # 0^t = 0 for t >= 1
     A = torch.cat([V.real, -V.imag], dim=1).transpose(1, 2)  # (C, T, 2n)
     scale = A.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    y = h.cpu()[:, t.long()][..., None]
+    y = h[:, t.long().to(h.device)].cpu()[..., None]
     x = torch.linalg.lstsq(A / scale, y, rcond=1e-13, driver="gelsd").solution / scale.transpose(1, 2)
     x = x[..., 0]
     return torch.complex(x[:, :n], x[:, n:]).to(h.device)
