@@ -84,6 +84,7 @@ class ConvSite:
     filter: Tensor  # (C, K) at the fold length, skip in filter[:, 0]
     filter_length: int  # taps up to the last nonzero one
     short: bool  # a ring buffer of filter_length - 1 inputs instead of the online engine
+    attr: str | None = None  # the graph's buffer holding the filter (the runtime may slim it)
     depth: int = 0  # long: steps after segment `depth`; short: runs inside segment `depth`
 
     @property
@@ -371,12 +372,16 @@ def ancestors(nodes: list[fx.Node]) -> list[fx.Node]:
 
 
 # ---------------------------------------------------------------- the plan
-def _filter_of(cg: CapturedGraph, h: fx.Node) -> Tensor:
+def _filter_attr(h: fx.Node) -> str:
     while h.op == "call_function" and h.target is aten.slice.Tensor:
         h = h.args[0]
     if h.op != "get_attr":
         raise IncrementalizeError([(describe_node(h), "causal_conv filter is not a folded buffer")])
-    return getattr(cg.gm, h.target)
+    return h.target
+
+
+def _filter_of(cg: CapturedGraph, h: fx.Node) -> Tensor:
+    return getattr(cg.gm, _filter_attr(h))
 
 
 def _extent_of(h: Tensor) -> int:
@@ -445,11 +450,12 @@ def incrementalize(cg: CapturedGraph, settings: Settings, max_len: int, unsuppor
     for i, node in enumerate(conv_nodes):
         if node not in needed:
             continue
-        h = filters[i] if filters is not None and i < len(filters) else _filter_of(cg, node.args[1])
+        attr = _filter_attr(node.args[1])
+        h = filters[i] if filters is not None and i < len(filters) else getattr(cg.gm, attr)
         k = _extent_of(h)
         if k >= h.shape[-1] and h.shape[-1] < max_len:
             problems.append((describe_node(node), f"filter folded at {h.shape[-1]} < max_len={max_len}"))
-        convs.append(ConvSite(node, i, node.args[0], h, k, k <= settings.short_conv_max))
+        convs.append(ConvSite(node, i, node.args[0], h, k, k <= settings.short_conv_max, attr))
 
     output_time: list[int | None] = []
     for a in outputs:

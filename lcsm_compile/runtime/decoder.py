@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import types
 import torch
 import torch.utils._pytree as pytree
@@ -34,16 +35,18 @@ __all__ = ["Decoder", "capture", "decoder"]
 # How long convolutions step: the online engine (Flash Inference tiling), the lazy sum over the
 # history (the baseline), or "floor": no mixer at all (y = u; wrong outputs, for benchmarks only).
 ENGINES = {"online": None, "lazy": LazyConv, "floor": None}
+_captures = itertools.count()
 _PRIMES = (61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157)
 
 
 def _fresh_caller(model):
-    """A new code object per capture: dynamo's cache (and its size limit) start empty for it."""
+    """A new code object per capture, under a new name: dynamo's cache (and its size limit) and
+    its automatic-dynamic memory of earlier shapes (keyed by file, line and name) start empty."""
     def call(*args):
         return model(*args)
 
-    return types.FunctionType(call.__code__.replace(), call.__globals__, "lcsm_decode_capture", None,
-                              call.__closure__)
+    name = f"lcsm_decode_capture_{next(_captures)}"
+    return types.FunctionType(call.__code__.replace(co_name=name), call.__globals__, name, None, call.__closure__)
 
 
 def capture(model, args: list, settings: Settings, dynamic: bool, time_args: list[int]):

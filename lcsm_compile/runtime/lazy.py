@@ -24,12 +24,9 @@ class LazyConv:
         self.dtype = dtype or filters.dtype
         self.device = torch.device(device) if device is not None else filters.device
         self.cdtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        L = self.max_len
-        h = torch.zeros(self.M, self.D, L, dtype=self.cdtype, device=self.device)
-        k = min(K, L)
-        h[..., :k] = filters[..., :k].to(self.device, self.cdtype)
-        self.h = h
-        self.h_reversed = h.flip(-1).contiguous()  # h_reversed[..., L-1-j] = h[..., j]
+        L, k = self.max_len, min(K, self.max_len)
+        self.h_reversed = torch.zeros(self.M, self.D, L, dtype=self.cdtype, device=self.device)
+        self.h_reversed[..., L - k:] = filters[..., :k].flip(-1).to(self.device, self.cdtype)  # [L-1-j] = h[j]
         self.X = torch.zeros(self.M, self.B, self.D, L, dtype=self.cdtype, device=self.device)
         self.reset()
 
@@ -44,7 +41,8 @@ class LazyConv:
         P = u.shape[-1]
         self.X[m, ..., :P] = u.to(self.cdtype)
         self._position = self._prompt_len = P
-        return causal_conv_fft(u.to(self.cdtype), self.h[m, :, :P]).to(self.dtype)
+        h = self.h_reversed[m, :, self.max_len - P:].flip(-1)
+        return causal_conv_fft(u.to(self.cdtype), h).to(self.dtype)
 
     def step(self, m: int, u_t: Tensor, out: Tensor | None = None) -> Tensor:
         t, L = self._position, self.max_len

@@ -47,14 +47,18 @@ def _default_engine(filters: Tensor, batch: int, max_len: int, dtype: torch.dtyp
 
 class StepProgram:
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
-                 engine_factory: Callable | None = None):
+                 engine_factory: Callable | None = None, like: "StepProgram | None" = None):
+        """`like`: another program of the same plan whose traced segments and constants to share."""
         self.plan, self.device, self.floor = plan, torch.device(device), floor
         self.cg = plan.cg
         self.max_len = plan.max_len
-        self.frontier = self._precompute()
+        self.frontier = like.frontier if like is not None else self._precompute()
         self.t = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.position, self.prompt_len = 0, None
         self._build_state(engine_factory or _default_engine)
+        if like is not None:
+            self.consts, self.out_shapes, self.fns = like.consts, like.out_shapes, like.fns
+            return
         self.consts, dry = self._dry_run()
         self.fns = [self._trace(seg, dry, compile) for seg in plan.segments]
 
@@ -99,17 +103,28 @@ class StepProgram:
             K = max(c.filter.shape[-1] for c in sites)
             filters = torch.stack([F.pad(c.filter, (0, K - c.filter.shape[-1])) for c in sites])
             eng = engine_factory(filters.to(self.device), B, plan.max_len, dtype, self.device)
+            del filters
             self.engines.append(eng)
             for m, c in enumerate(sites):
                 self.where[c.index] = (eng, m)
+                if isinstance(getattr(eng, "h", None), Tensor) and eng.h.shape[:2] == (len(sites), C):
+                    self._slim(c, eng.h[m])  # one copy of each filter: the engine's
         for c in plan.long_convs:
             self.conv_out[c.index] = torch.zeros(c.batch, c.channels, dtype=c.dtype, device=self.device)
         self.rings, self.taps = {}, {}
         for c in plan.convs:
             if c.short:
                 K = c.filter_length
+                if c.filter.shape[-1] > K:
+                    self._slim(c, c.filter[:, :K].clone())
                 self.rings[c.index] = torch.zeros(c.batch, c.channels, K - 1, dtype=c.dtype, device=self.device)
                 self.taps[c.index] = c.filter[:, :K].flip(-1).to(self.device, _compute_dtype(c.dtype)).contiguous()
+
+    def _slim(self, c, h: Tensor) -> None:
+        """Use h as the conv's filter everywhere (the folded buffer at max_len can be freed)."""
+        c.filter = h
+        if c.attr is not None and isinstance(getattr(self.cg.gm, c.attr, None), Tensor):
+            setattr(self.cg.gm, c.attr, h)
 
     def _step_frontier(self, index: Tensor | int) -> dict:
         out = {}

@@ -1,0 +1,415 @@
+"""Generation benchmark (issue 5): Hyena 153M (18 x 864, fp32) generating up to L = 2^17, B = 1 and 8.
+
+    python benchmarks/generate.py              # GPU
+    python benchmarks/generate.py --smoke      # CPU, tiny Hyena: exercises the script only
+
+Four ways to produce token t+1 from tokens 0..t, per config (B, L):
+- eager recompute: the model's full forward over the whole prefix for every token (what HF
+  `generate(use_cache=False)` does); f(n) = one forward at length n, timed at n = 2^10 .. L,
+  interpolated linearly in n and summed over the generation;
+- lazy: `decoder(engine="lazy")`: the same compiled step program, each long conv summing its
+  whole history (O(t) per token; eager launches, its shapes change with t); timed at several
+  t, fitted a + b t, summed;
+- ours: `lcsm_compile.decoder`: inductor-compiled segments + the online conv engine, one CUDA
+  graph replay per token. A token costs base + tile(level(t)); every level's token graph is
+  timed, and a generation's total is the level-weighted sum (the schedule is known), checked
+  against a real timed greedy run of W tokens;
+- floor: the same step program with the long mixers removed (y = u), one CUDA graph per token:
+  what the position-wise part alone costs.
+Correctness first (decoder vs the eager forward at every position of a prefill + 128 steps,
+greedy tokens vs an eager greedy loop), table last. Writes benchmarks/results/generate_<dev>.json
+and .png (or under $OUT when set). B = 8 stops at L = 2^15 on an 80 GB GPU: the fp32 decode state
+(history + accumulators, 8 bytes per M*B*D*L) alone would be 130 GB at 2^17.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lcsm_compile  # noqa: E402
+from lcsm_compile.kernels.online_conv.schedule import level_at  # noqa: E402
+from lcsm_compile.runtime.decoder import Decoder  # noqa: E402
+from lcsm_compile.runtime.lazy import LazyConv  # noqa: E402
+from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
+from lcsm_compile.zoo import hyena_153m, hyena_tiny  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+P = 64  # prompt length of every generation
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps=1):
+    """Seconds per call (CUDA events on GPU)."""
+    fn()
+    sync()
+    if CUDA:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def rel_per_position(got, want):
+    g, w = got.double(), want.double()
+    return ((g - w).norm(dim=(0, 2)) / w.norm(dim=(0, 2)).clamp_min(1e-30)).max().item()
+
+
+def make_model(smoke: bool):
+    with torch.random.fork_rng(devices=[DEV] if CUDA else []), torch.device(DEV):
+        torch.manual_seed(0)
+        model = hyena_tiny(max_len=1024) if smoke else hyena_153m(max_len=2**17)
+    return model.float().eval()
+
+
+def options(smoke: bool) -> dict:
+    return {"inner_backend": "eager" if smoke else "inductor", "cuda_graphs": True}
+
+
+# ---------------------------------------------------------------- correctness
+@torch.no_grad()
+def check(model, dec: Decoder, B: int, steps: int, greedy: int) -> dict:
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randint(0, model.vocab_size, (B, P + steps), generator=g, device=DEV)
+    ref = model(x)
+    outs = [dec.prefill(x[:, :P])] + [dec.step(x[:, t : t + 1]) for t in range(P, P + steps)]
+    err = rel_per_position(torch.cat(outs, 1), ref[:, P - 1 :])
+    ids = x[:, :P]
+    eager = ids
+    for _ in range(greedy):
+        eager = torch.cat([eager, model(eager)[:, -1].argmax(-1, keepdim=True)], 1)
+    ours = greedy_run(dec, ids, greedy)
+    same = int((ours == eager).all(1).sum())
+    dec.reset()
+    return {"max_rel_err_per_position": err, "positions": steps + 1, "greedy_tokens": greedy,
+            "greedy_identical_rows": same, "rows": B}
+
+
+@torch.no_grad()
+def greedy_run(dec: Decoder, ids, n):
+    out = dec.prefill(ids)
+    toks = [ids]
+    for i in range(n):
+        tok = out[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+        if i + 1 < n:
+            out = dec._step((tok,))[0]
+    return torch.cat(toks, 1)
+
+
+# ---------------------------------------------------------------- timings
+@torch.no_grad()
+def eager_costs(model, B, L, smoke) -> dict:
+    """Seconds per full forward at length n (one token of recompute decoding)."""
+    costs = {}
+    lo = 5 if smoke else 10
+    for k in range(lo, L.bit_length()):
+        n = 1 << k
+        x = torch.randint(0, model.vocab_size, (B, n), device=DEV)
+        try:
+            costs[n] = timed(lambda: model(x), reps=3 if n <= 4096 else 1)
+        except torch.OutOfMemoryError:
+            log(f"    eager forward at n={n}: out of memory; stopping here")
+            break
+        finally:
+            del x
+            gc.collect()
+            if CUDA:
+                torch.cuda.empty_cache()
+        log(f"    eager forward B={B} n={n}: {costs[n] * 1e3:.2f} ms")
+    return costs
+
+
+def interp(points: dict, n: float) -> float:
+    xs = sorted(points)
+    if n <= xs[0]:
+        return points[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return points[a] + (points[b] - points[a]) * (n - a) / (b - a)
+    a, b = xs[-2], xs[-1]  # beyond the last point: extrapolate the last segment (an underestimate of n log n)
+    return points[b] + (points[b] - points[a]) * (n - b) / (b - a)
+
+
+def eager_total(costs: dict, L: int) -> float:
+    # sum_{n=P+1}^{L} f(n), by the trapezoid rule on the interpolant
+    xs = sorted({P + 1, L, *[n for n in costs if P + 1 < n < L]})
+    return sum((interp(costs, a) + interp(costs, b)) / 2 * (b - a) for a, b in zip(xs, xs[1:])) + interp(costs, P + 1)
+
+
+@torch.no_grad()
+def level_costs(dec: Decoder, reps: int) -> dict:
+    """Seconds per token by tile level: each level's token graph replayed at the scratch position."""
+    from lcsm_compile.kernels.online_conv.graphs import scratch_position
+
+    graphs, prog = dec._graphs, dec.program
+    with ExitStack() as stack:
+        for eng in graphs.engines:
+            stack.enter_context(scratch_position(eng))
+        scratch = [eng.pos.clone() for eng in graphs.engines]
+        saved = {k: r.clone() for k, r in prog.rings.items()}
+        t_s = max(prog.max_len - 2, 0)
+
+        def reset():
+            for eng, s in zip(graphs.engines, scratch):
+                eng.pos.copy_(s)
+            prog.t.fill_(t_s)
+
+        base = timed(lambda: [reset() for _ in range(reps)]) / reps
+        costs = {}
+        for level in graphs.levels:
+            g = graphs.graphs[level]
+            costs[level] = timed(lambda: [(reset(), g.replay()) for _ in range(reps)]) / reps - base
+        for k, r in prog.rings.items():
+            r.copy_(saved[k])
+    dec.reset()
+    return costs
+
+
+def ours_total(costs: dict, L: int, start: int = P) -> float:
+    n_levels = max(k for k in costs if k is not None) + 1 if any(k is not None for k in costs) else 0
+    counts: dict = {}
+    for t in range(start, L):
+        lv = level_at(t, P, L) if n_levels else None
+        counts[lv] = counts.get(lv, 0) + 1
+    return sum(costs[lv] * c for lv, c in counts.items())
+
+
+@torch.no_grad()
+def timed_run(dec: Decoder, B: int, W: int, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (B, P), device=DEV)
+    greedy_run(dec, ids, 2)  # capture (first step after a prefill)
+    dec.reset()
+    t = timed(lambda: greedy_run(dec, ids, W))
+    dec.reset()
+    return t
+
+
+@torch.no_grad()
+def floor_cost(dec: Decoder, reps: int) -> float:
+    prog = StepProgram(dec.plan, DEV, floor=True, like=dec.program)
+    if CUDA:
+        from lcsm_compile.runtime.cuda_graphs import StepGraphs
+
+        graphs = StepGraphs(prog)
+        g = graphs.graphs[None]
+
+        def run():
+            prog.t.zero_()
+            g.replay()
+    else:
+        x = [torch.zeros(1, 1, dtype=torch.long, device=DEV).expand(dec.batch, 1).contiguous()]
+
+        def run():
+            prog.t.zero_()
+            prog.run_segments(x)
+    return timed(lambda: [run() for _ in range(reps)]) / reps
+
+
+@torch.no_grad()
+def lazy_costs(dec: Decoder, L: int, reps: int, vocab: int) -> dict:
+    """Seconds per token of the lazy decoder at several positions t (history of t inputs)."""
+    prog = StepProgram(dec.plan, DEV, engine_factory=LazyConv, like=dec.program)
+    ids = torch.randint(0, vocab, (dec.batch, P), device=DEV)
+    prog.prefill([ids], P)
+    x = [ids[:, :1].contiguous()]
+    ts = sorted({t for t in (P, L // 8, L // 4, L // 2, 3 * L // 4, L - reps - 2) if P <= t <= L - reps - 2})
+    costs = {}
+    def run(t):
+        for eng in prog.engines:  # benchmark only: jump the history length (its contents do not matter)
+            eng._position = t
+        prog.position = t
+        for _ in range(reps):
+            prog.step(x)
+
+    for t in ts:
+        costs[t] = timed(lambda: run(t)) / reps
+        log(f"    lazy t={t}: {costs[t] * 1e6:.0f} us/token")
+    del prog
+    return costs
+
+
+def lazy_total(costs: dict, L: int) -> float:
+    ts = sorted(costs)
+    n = len(ts)
+    mt, mc = sum(ts) / n, sum(costs.values()) / n
+    var = sum((t - mt) ** 2 for t in ts)
+    b = sum((t - mt) * (costs[t] - mc) for t in ts) / var if var else 0.0
+    a = mc - b * mt
+    m = L - P  # tokens t = P .. L-1
+    return a * m + b * (P + L - 1) * m / 2
+
+
+# ---------------------------------------------------------------- driver
+def run_config(model, B, L, smoke, report, save):
+    res = {"B": B, "max_len": L}
+    report["configs"].append(res)
+    log(f"== B={B}, L={L} ==")
+    log("  eager recompute: forward times")
+    res["eager_forward_s"] = eager_costs(model, B, L, smoke)
+    save()
+    t0 = time.perf_counter()
+    ids = torch.randint(0, model.vocab_size, (B, P), device=DEV)
+    dec = lcsm_compile.decoder(model, ids, max_len=L, **options(smoke))
+    sync()
+    res["build_s"] = time.perf_counter() - t0
+    res["decoder"] = repr(dec)
+    res["engine_memory_elements"] = [e.memory_elements() for e in dec.program.engines if hasattr(e, "memory_elements")]
+    log(f"  built {dec} in {res['build_s']:.1f} s")
+    log("  correctness")
+    res["check"] = check(model, dec, B, 32 if smoke else 128, 16 if smoke else 48)
+    log(f"    {res['check']}")
+    save()
+    W = 64 if smoke else 2048
+    reps = 3 if smoke else 30
+    t_run = timed_run(dec, B, W, model.vocab_size)
+    res["ours_run"] = {"tokens": W, "s": t_run, "us_per_token": t_run / W * 1e6}
+    log(f"  ours: real greedy run of {W} tokens: {t_run / W * 1e6:.1f} us/token")
+    if dec._graphs is not None:
+        costs = level_costs(dec, reps)
+    else:
+        costs = {None: t_run / W}
+    res["ours_token_s_by_level"] = {str(k): v for k, v in costs.items()}
+    predicted = ours_total(costs, P + W)
+    res["ours_run"]["model_s"] = predicted
+    log(f"  ours by level (us): {' '.join(f'{k}:{v * 1e6:.1f}' for k, v in costs.items())}; model predicts "
+        f"{predicted / W * 1e6:.1f} us/token for the run")
+    res["floor_token_s"] = floor_cost(dec, 20 if smoke else 200)
+    log(f"  floor: {res['floor_token_s'] * 1e6:.1f} us/token")
+    save()
+    # lazy: a program of the same plan sharing the compiled segments; ours' state freed first
+    dec._graphs = None
+    dec.program.engines, dec.program.where = [], {}
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    res["lazy_token_s"] = {str(k): v for k, v in lazy_costs(dec, L, 3 if smoke else 5, model.vocab_size).items()}
+    del dec
+    gc.collect()
+    if CUDA:
+        res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    for k in range(10 if not smoke else 7, L.bit_length()):
+        n = 1 << k
+        eager = eager_total(res["eager_forward_s"], n) if res["eager_forward_s"] else None
+        lazy = lazy_total({int(t): v for t, v in res["lazy_token_s"].items()}, n)
+        ours = ours_total(costs, n)
+        floor = res["floor_token_s"] * (n - P)
+        rows.append({"L": n, "eager_s": eager, "lazy_s": lazy, "ours_s": ours, "floor_s": floor,
+                     "ours_us_per_token": ours / (n - P) * 1e6, "lazy_over_ours": lazy / ours,
+                     "ours_over_floor": ours / floor})
+    res["rows"] = rows
+    save()
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report["configs"]), figsize=(6 * len(report["configs"]), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], report["configs"]):
+        rows = res.get("rows") or []
+        for key, label, color in (("eager_s", "eager recompute (HF-style)", "tab:orange"),
+                                  ("lazy_s", "lazy cache", "tab:red"), ("ours_s", "lcsm decoder (ours)", "tab:blue"),
+                                  ("floor_s", "position-wise floor", "tab:gray")):
+            pts = [(r["L"], r[key] / (r["L"] - P) * 1e6) for r in rows if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=color, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens generated L (prompt 64)")
+        ax.set_ylabel("µs per token, mean over the generation")
+        ax.set_title(f"Hyena {'tiny' if report['smoke'] else '153M'}, B={res['B']}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['device']}  torch {report['torch']}  {report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(report) -> str:
+    lines = [f"{'B':>2} {'L':>7} {'eager s':>10} {'lazy s':>9} {'ours s':>8} {'floor s':>8} {'ours us/tok':>11} "
+             f"{'lazy/ours':>9} {'ours/floor':>10}"]
+    for res in report["configs"]:
+        for r in res.get("rows") or []:
+            e = f"{r['eager_s']:10.1f}" if r["eager_s"] else f"{'-':>10}"
+            lines.append(f"{res['B']:>2} {r['L']:>7} {e} {r['lazy_s']:9.2f} {r['ours_s']:8.2f} {r['floor_s']:8.2f} "
+                         f"{r['ours_us_per_token']:11.1f} {r['lazy_over_ours']:9.1f} {r['ours_over_floor']:10.2f}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny Hyena on CPU: exercise the script")
+    ap.add_argument("--configs", default=None, help="B:log2L,... (default 1:17,8:15)")
+    args = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "model": "zoo.hyena_tiny" if args.smoke else "zoo.hyena_153m (18 x 864, fp32)", "prompt": P,
+              "smoke": args.smoke, "configs": [], "errors": []}
+    slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
+    slug = "h100" if "h100" in slug else slug
+    path = out_dir / f"generate_{slug}.json"
+    save = lambda: path.write_text(json.dumps(report, indent=1, default=str))  # noqa: E731
+    log(f"generate benchmark on {report['device']}, torch {report['torch']}, triton {report['triton']}")
+    spec = args.configs or ("1:8,2:7" if args.smoke else "1:17,8:15")
+    configs = [(int(b), 1 << int(k)) for b, k in (c.split(":") for c in spec.split(","))]
+    model = make_model(args.smoke)
+    for B, L in configs:
+        try:
+            run_config(model, B, L, args.smoke, report, save)
+        except Exception as e:  # noqa: BLE001 - keep what the other configs measured
+            report["errors"].append(f"B={B} L={L}: {type(e).__name__}: {e}")
+            log(traceback.format_exc())
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+        save()
+    try:
+        plot(report, path.with_suffix(".png"))
+    except Exception as e:  # noqa: BLE001
+        report["errors"].append(f"plot: {e}")
+    save()
+    log("\n" + table(report))
+    if report["errors"]:
+        log("errors: " + "; ".join(report["errors"]))
+
+
+if __name__ == "__main__":
+    main()

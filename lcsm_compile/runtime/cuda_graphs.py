@@ -1,0 +1,96 @@
+"""CUDA graphs for the step program: one graph per tile level, each holding a whole token.
+
+    inputs -> segment 0 -> conv steps -> segment 1 -> ... -> outputs, then the tiles of every
+    engine at that level, then t += 1
+
+Nothing a launch reads depends on the position except through device tensors (the engines' `pos`,
+the program's `t`), so which graph runs is the only thing that changes with t, and the host knows
+it from its own counter (OnlineConv.tile_level): one replay per token, no sync, no allocation.
+
+Capture happens on the first step after a prefill (the engines must hold a prompt). Warm-up runs
+every graph's work twice at the scratch position max_len - 2 (kernel compiles, cuFFT plans), each
+time from that position again; the engines undo what they wrote there (graphs.scratch_position),
+and the program's rings and `t` are saved and restored around it.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor
+
+from ..passes.incrementalize import shape_at
+from .step_program import StepProgram
+
+__all__ = ["StepGraphs"]
+
+
+class StepGraphs:
+    def __init__(self, program: StepProgram):
+        from ..kernels.online_conv.graphs import scratch_position  # noqa: PLC0415
+
+        self.program = p = program
+        plan, dev = p.plan, p.device
+        self.engines = p.engines
+        self.inputs = [torch.zeros(shape_at(p.cg, x.meta["val"], 1), dtype=x.meta["val"].dtype, device=dev)
+                       for x in plan.seq_inputs]
+        last = {key[1] for key in plan.segments[-1].outputs if key[0] == "out"}
+        self.outputs = {i: torch.empty(shape, dtype=dtype, device=dev)
+                        for i, (shape, dtype) in p.out_shapes.items() if i in last}
+        self.levels = [-1, *range(self.engines[0].n_levels)] if self.engines else [None]
+        t_scratch = max(p.max_len - 2, 0)
+        with ExitStack() as stack:
+            for eng in self.engines:
+                stack.enter_context(scratch_position(eng))
+            scratch = [eng.pos.clone() for eng in self.engines]
+            saved_t, saved_rings = p.t.clone(), {k: r.clone() for k, r in p.rings.items()}
+
+            def from_scratch() -> None:
+                for eng, pos in zip(self.engines, scratch):
+                    eng.pos.copy_(pos)
+                p.t.fill_(t_scratch)
+
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream), torch.no_grad():
+                for level in self.levels:
+                    for _ in range(2):
+                        from_scratch()
+                        self._token(level)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            from_scratch()
+            pool = torch.cuda.graph_pool_handle()
+            self.graphs = {}
+            with torch.no_grad():
+                for level in self.levels:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        self._token(level)
+                    self.graphs[level] = g
+            torch.cuda.synchronize(dev)
+            p.t.copy_(saved_t)
+            for k, r in p.rings.items():
+                r.copy_(saved_rings[k])
+
+    def _token(self, level: int | None) -> None:
+        p = self.program
+        outs = p.run_segments(self.inputs)
+        for i, v in outs.items():
+            self.outputs[i].copy_(v)
+        if level is not None:
+            for eng in self.engines:
+                eng.run_tiles(level)
+        p.t.add_(1)
+
+    def replay(self, seq_values: list[Tensor]) -> list:
+        """One token: the outputs (static buffers, overwritten by the next replay)."""
+        for buf, v in zip(self.inputs, seq_values):
+            buf.copy_(v)
+        for eng in self.engines:
+            eng._check_can_step(range(eng.M))
+        level = self.engines[0].tile_level() if self.engines else None
+        self.graphs[level].replay()
+        for eng in self.engines:
+            eng.advance(launch=False, check=False)
+        self.program.position += 1
+        return self.program.outputs_of(self.outputs)
