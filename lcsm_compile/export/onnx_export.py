@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graphs import BATCH, LENGTH, PREFILL_CONV_MAX, GraphSpec, IOSpec, build_prefill, build_step_program, combine_segments
+from .graphs import (BATCH, LENGTH, PREFILL_CONV_MAX, GraphSpec, IOSpec, build_prefill, build_step_program,
+                     combine_segments)
 from .manifest import FORMAT, FORMAT_VERSION, write_manifest
 from .onnx_conv import causal_conv_translation
 from .program import CAUSAL_CONV, LONG, ExportError, ExportPlan, capture, describe
@@ -155,11 +156,14 @@ def _torchlib_once():
 
 
 def _to_onnx(spec: GraphSpec, what: str, opset: int, max_len: int, batch: int):
-    examples = tuple(s.example(batch, min(max_len, 8)) for s in spec.inputs)
+    # a prime example length, so no static size of the model equals it by chance
+    examples = tuple(s.example(batch, min(max_len, 13)) for s in spec.inputs)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            logger.setLevel(logging.ERROR)
             program = torch.onnx.export(
                 spec.gm, examples, dynamo=True, opset_version=opset, verbose=False, optimize=True,
                 input_names=[s.name for s in spec.inputs], output_names=[s.name for s in spec.outputs],
@@ -172,6 +176,8 @@ def _to_onnx(spec: GraphSpec, what: str, opset: int, max_len: int, batch: int):
             raise ExportError(f"export: {what}: {describe(node)} has no ONNX translation (opset {opset}): "
                               f"{first}") from e
         raise ExportError(f"export: {what} failed to export to ONNX: {type(e).__name__}: {first}") from e
+    finally:
+        logger.setLevel(level)
     return program.model_proto
 
 
@@ -184,6 +190,7 @@ def export_onnx(model: nn.Module, *example_inputs, out_dir, max_len: int, opset:
     check: run the artifact with onnxruntime against the eager model before returning.
     """
     causal_conv_translation(opset)  # refuses unsupported opsets before any work
+    model, example_inputs = _on_cpu(model, example_inputs)
     plan = capture(model, example_inputs, max_len)
     prefill = build_prefill(plan)
     program = build_step_program(plan)
@@ -201,6 +208,19 @@ def export_onnx(model: nn.Module, *example_inputs, out_dir, max_len: int, opset:
 
         check_artifact(model, example_inputs, out)
     return manifest
+
+
+def _on_cpu(model: nn.Module, example_inputs: tuple) -> tuple[nn.Module, tuple]:
+    """Export traces on the CPU in fp32 (the graphs run in fp32); a model elsewhere is copied there."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    odd = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
+    if odd:
+        raise ExportError(f"export: the model holds {', '.join(odd)} weights; export an fp32 model "
+                          "(model.float()): the exported graphs and the filter files are fp32")
+    if any(t.device.type != "cpu" for t in tensors):
+        model = copy.deepcopy(model).cpu()
+    example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    return model, example_inputs
 
 
 def _write_graphs(plan: ExportPlan, prefill: GraphSpec, program, store: _ExternalData, out: Path, opset: int):
