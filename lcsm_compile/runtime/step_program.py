@@ -60,7 +60,15 @@ class StepProgram:
             self.consts, self.out_shapes, self.fns = like.consts, like.out_shapes, like.fns
             return
         self.consts, dry = self._dry_run()
-        self.fns = [self._trace(seg, dry, compile) for seg in plan.segments]
+        self.fns = []
+        values: dict = {}  # a compiled segment's outputs may be laid out unlike eager's: feed the next one those
+        for seg in plan.segments:
+            examples = [values[k[1]] if k[0] == "value" else self._example(k, dry) for k in seg.inputs]
+            fn = self._trace(seg, examples, compile)
+            with torch.no_grad():
+                outs = fn(*examples)
+            values.update((k[1], v) for k, v in zip(seg.outputs, outs) if k[0] == "value")
+            self.fns.append(fn)
 
     # ------------------------------------------------------------ constants
     def _precompute(self) -> dict:
@@ -220,8 +228,7 @@ class StepProgram:
 
         return run
 
-    def _trace(self, seg: Segment, dry: dict, compile: str) -> Callable:
-        examples = [self._example(key, dry) for key in seg.inputs]
+    def _trace(self, seg: Segment, examples: list, compile: str) -> Callable:
         with torch.no_grad():
             gm = make_fx(self._segment_fn(seg))(*examples)
             if compile == "inductor":
