@@ -150,8 +150,12 @@ def test_greedy_generation_gives_the_eager_tokens(exported, name):
     with torch.no_grad():
         for _ in range(15):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
-    got = OnnxDecoder(out).generate(prompt, max_new_tokens=15)
+    dec = OnnxDecoder(out)
+    got = dec.generate(prompt, max_new_tokens=15)
     assert got.dtype == np.int64 and np.array_equal(got, ids.numpy())
+    a = dec.generate(prompt, 8, do_sample=True, top_k=10, top_p=0.9, temperature=0.8, generator=7)
+    b = dec.generate(prompt, 8, do_sample=True, top_k=10, top_p=0.9, temperature=0.8, generator=7)
+    assert a.shape == (2, 14) and np.array_equal(a, b) and np.array_equal(a[:, :6], prompt.numpy())
 
 
 class PositionalConvLM(nn.Module):

@@ -220,21 +220,26 @@ class OnnxDecoder:
     def _from_engine(self, y) -> np.ndarray:
         return y if isinstance(y, np.ndarray) else y.cpu().numpy()
 
-    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None) -> np.ndarray:
-        """Greedy generation for a token model (output 0 holds the logits): (B, P + N) int64 ids."""
+    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 generator: np.random.Generator | int | None = None) -> np.ndarray:
+        """Greedy or sampled generation for a token model (output 0 holds the logits), like
+        `lcsm_compile.generate`: (B, P + N) int64 ids; after `eos_token_id` a row repeats it.
+        `generator`: a numpy Generator or a seed, for reproducible sampling."""
         ids = _numpy(input_ids)
         if len(self._inputs) != 1 or np.dtype(self._inputs[0]["dtype"]).kind not in "iu":
             raise ValueError("OnnxDecoder.generate needs a model with one integer (token id) input")
         P = ids.shape[1]
-        if P + max_new_tokens - 1 > self.max_len:
-            raise ValueError(f"OnnxDecoder.generate: {P} prompt + {max_new_tokens} new tokens exceed "
+        if max_new_tokens < 1 or P + max_new_tokens - 1 > self.max_len:
+            raise ValueError(f"OnnxDecoder.generate: {P} prompt + {max_new_tokens} new tokens must fit "
                              f"max_len={self.max_len}")
+        rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
         out = [ids.astype(np.int64)]
         logits = self.prefill(ids)
         done = np.zeros(ids.shape[0], dtype=bool)
         for i in range(max_new_tokens):
             logits = logits[0] if isinstance(logits, tuple) else logits
-            tok = logits[:, -1].argmax(-1).astype(np.int64)
+            tok = sample_next(logits[:, -1], do_sample, temperature, top_k, top_p, rng)
             if eos_token_id is not None:
                 tok = np.where(done, eos_token_id, tok)
                 done |= tok == eos_token_id
@@ -247,6 +252,28 @@ class OnnxDecoder:
     def __repr__(self) -> str:
         return (f"OnnxDecoder({str(self.dir)!r}, segments={len(self._segments)}, long_mixers={len(self._long)}, "
                 f"max_len={self.max_len}, providers={self.providers}, mixers on {self.mixer_backend})")
+
+
+def sample_next(logits: np.ndarray, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(B,) int64 next tokens from (B, V) logits: argmax, or a draw after temperature / top-k / top-p."""
+    if not do_sample:
+        return logits.argmax(-1).astype(np.int64)
+    scores = logits.astype(np.float64) / max(float(temperature), 1e-6)
+    if top_k is not None and 0 < top_k < scores.shape[-1]:
+        kth = np.sort(scores, axis=-1)[:, -top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-scores, axis=-1)
+        sorted_scores = np.take_along_axis(scores, order, -1)
+        p = np.exp(sorted_scores - sorted_scores[:, :1])
+        p /= p.sum(-1, keepdims=True)
+        drop = np.cumsum(p, -1) - p > top_p  # keep the smallest set reaching top_p
+        np.put_along_axis(scores, order, np.where(drop, -np.inf, sorted_scores), -1)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    rng = rng or np.random.default_rng()
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
 
 
 def _check_session(sess, graph: dict) -> None:
