@@ -68,26 +68,25 @@ def load_model(spec: str):
 
 
 def import_target(where: str):
-    if where.endswith(".py"):
+    """A module by dotted name (the current directory importable, as with `python -m`) or a .py file."""
+    try:
+        if not where.endswith(".py"):
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            return importlib.import_module(where)
         path = Path(where)
         if not path.is_file():
             raise CliError(f"no such file: {where}")
         mod_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(mod_spec)
-        loader = mod_spec.loader.exec_module
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        module, loader = None, None
-    try:
-        if loader is not None:
-            loader(module)
-            return module
-        return importlib.import_module(where)
+        mod_spec.loader.exec_module(module)
+        return module
+    except CliError:
+        raise
     except ModuleNotFoundError as e:
         raise CliError(f"cannot import {where!r}: {e}") from e
     except Exception as e:  # noqa: BLE001  (importing user code)
-        raise CliError(f"importing {where!r} failed: {type(e).__name__}: {e}") from e
+        raise CliError(f"importing {where!r} failed: {type(e).__name__}: {one_line(e)}") from e
 
 
 def getattr_path(obj, dotted: str, spec: str):
@@ -408,7 +407,8 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None, lengt
                    + (f" (default {default})" if default else ""))
     p.add_argument("--input", metavar="ids:VOCAB|float:D",
                    help="what the model takes: token ids (B, L) or features (B, L, D)")
-    p.add_argument("--length", type=int, default=length, help=f"sequence length of the example input (default {length})")
+    p.add_argument("--length", type=int, default=length,
+                   help=f"sequence length of the example input (default {length})")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the inputs")
 
 
@@ -489,7 +489,8 @@ def main(argv=None) -> int:
         parser.error(f"arguments after `--` are for `bench` only: {' '.join(extra)}")
     args.extra = extra
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # commands silence the backend's warnings they report themselves
+            return args.func(args)
     except CliError as e:
         print(f"lcsm-compile: error: {e}", file=sys.stderr)
         return 2

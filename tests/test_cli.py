@@ -190,7 +190,8 @@ def test_export(capsys, tmp_path):
 
 def test_bench_show_and_unknown(capsys, tmp_path):
     (tmp_path / "online_conv_testgpu.json").write_text(json.dumps(
-        {"device": "Test GPU", "date": "2026-01-01", "results": {"1": [{"L": 1024, "ours_us": 12.5, "lazy_us": 40.0}]}}))
+        {"device": "Test GPU", "date": "2026-01-01",
+         "results": {"1": [{"L": 1024, "ours_us": 12.5, "lazy_us": 40.0}]}}))
     p = run_main(capsys, "bench", "online_conv", "--show", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr
     assert "Test GPU" in p.stdout and "ours_us" in p.stdout and "12.5" in p.stdout
