@@ -295,6 +295,8 @@ def cmd_export(args) -> int:
 
 
 def bench_names() -> list[str]:
+    if not BENCH_DIR.is_dir():
+        return []
     return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
@@ -337,21 +339,31 @@ def cmd_bench(args) -> int:
 
 
 def show_results(out: Path, names: list[str], since: float | None) -> int:
+    """Print each benchmark's latest results JSON in `out` (those written after `since`, if given)."""
+    every = bench_names()
+
+    def owner(path: Path) -> str | None:  # the longest benchmark name the file is named after
+        return max((n for n in every if path.stem.startswith(n)), key=len, default=None)
+
     files = [p for p in sorted(out.glob("*.json"))
-             if any(p.stem.startswith(n) for n in names) and (since is None or p.stat().st_mtime >= since)]
+             if owner(p) in names and (since is None or p.stat().st_mtime >= since)]
     if not files:
         raise CliError(f"no results for {', '.join(names)} in {out}/")
     for path in files:
         data = json.loads(path.read_text())
         print(f"\n== {path}  ({', '.join(str(data[k]) for k in ('device', 'torch', 'date') if k in data)})")
-        summary = script_summary(next(n for n in names if path.stem.startswith(n)))
-        if summary is not None:
-            print(summary(data))
-            continue
-        tables = list(row_tables(data))
-        for title, rows in [t for t in tables if t[0].split("[")[0] in ("rows", "results")] or tables:
-            print(f"-- {title}")
-            print(format_table(rows))
+        summary = script_summary(owner(path))
+        try:
+            text = summary(data) if summary is not None else None
+        except Exception:  # noqa: BLE001  (an older JSON layout: fall back to the generic tables)
+            text = None
+        if text is not None:
+            print(text)
+        else:
+            tables = list(row_tables(data))
+            for title, rows in [t for t in tables if t[0].split("[")[0] in ("rows", "results")] or tables:
+                print(f"-- {title}")
+                print(format_table(rows))
         png = path.with_suffix(".png")
         if png.exists():
             print(f"plot: {png}")
@@ -400,15 +412,16 @@ def format_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------- argument parsing
 
-def add_model_args(p: argparse.ArgumentParser, default: str | None = None, length: int = 256,
+def add_model_args(p: argparse.ArgumentParser, default: str | None = None, length: int | None = 256,
                    optional: bool = False) -> None:
     p.add_argument("model", nargs="?" if default or optional else None, default=default,
                    help="zoo:NAME, MODULE:FACTORY or path/to/file.py:FACTORY"
                    + (f" (default {default})" if default else ""))
     p.add_argument("--input", metavar="ids:VOCAB|float:D",
                    help="what the model takes: token ids (B, L) or features (B, L, D)")
-    p.add_argument("--length", type=int, default=length,
-                   help=f"sequence length of the example input (default {length})")
+    if length is not None:
+        p.add_argument("--length", type=int, default=length,
+                       help=f"sequence length of the example input (default {length})")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the inputs")
 
 
@@ -427,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=48, help="prompt length (default 48)")
     p.add_argument("-n", "--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the token sequences (the weights are the zoo's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -443,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate tokens with lcsm_compile.generate",
                        description="Generate from a random (seeded) or given prompt with lcsm_compile.generate and "
                        "print the token ids and tokens/s. The model must take token ids.")
-    add_model_args(p, default="zoo:hyena_lm")
+    add_model_args(p, default="zoo:hyena_lm", length=None)
     p.add_argument("--prompt-len", type=int, default=32, help="length of the random prompt (default 32)")
     p.add_argument("--prompt", help="the prompt as comma-separated token ids (instead of a random one)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -473,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run benchmarks/NAME.py (or all of them) in a subprocess; each writes a JSON and a "
                        "PNG under --out; then print the results as tables. Needs a CUDA GPU, except --show, which "
                        "prints results already measured. Arguments after `--` go to the script.")
-    p.add_argument("name", nargs="?", help="benchmark name, `all`, or nothing / `list` to list them")
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(bench_names()) or '(none found)'}, `all`, "
+                   "or nothing / `list` to list them")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder (default benchmarks/results)")
     p.add_argument("--show", action="store_true", help="only print the latest results from --out (no GPU needed)")
     p.set_defaults(func=cmd_bench)
