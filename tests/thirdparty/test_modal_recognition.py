@@ -79,7 +79,7 @@ class EmaConv(nn.Module):
 
 
 def test_stripedhyena_filters_are_modal():
-    pytest.importorskip("stripedhyena", reason="stripedhyena 0.2.2 not installed")
+    pytest.importorskip("stripedhyena.model", reason="stripedhyena 0.2.2 (and einops) not installed")
     from thirdparty_models import stripedhyena_tiny
 
     model = stripedhyena_tiny()
@@ -161,7 +161,7 @@ def test_growing_pole_is_refused():
 def test_recognised_recurrence_matches_the_tiling(P, L, B):
     """The decode-time contract: the recurrence built from recognise_modal and the tiled online
     convolution on the folded filter give the same outputs on fresh random inputs."""
-    pytest.importorskip("stripedhyena", reason="stripedhyena 0.2.2 not installed")
+    pytest.importorskip("stripedhyena.model", reason="stripedhyena 0.2.2 (and einops) not installed")
     from thirdparty_models import stripedhyena_tiny
 
     mixers = _long(accepted_mixers(stripedhyena_tiny(), torch.randint(0, 64, (2, 100))))
