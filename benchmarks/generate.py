@@ -391,12 +391,16 @@ def main():
     spec = args.configs or ("1:8,2:7" if args.smoke else "1:17,8:15")
     configs = [(int(b), 1 << int(k)) for b, k in (c.split(":") for c in spec.split(","))]
     model = make_model(args.smoke)
-    for B, L in configs:
+    queue = list(configs)
+    while queue:
+        B, L = queue.pop(0)
         try:
             run_config(model, B, L, args.smoke, report, save)
         except Exception as e:  # noqa: BLE001 - keep what the other configs measured
-            report["errors"].append(f"B={B} L={L}: {type(e).__name__}: {e}")
-            log(traceback.format_exc())
+            report["errors"].append(f"B={B} L={L}: {type(e).__name__}: {str(e)[:2000]}")
+            log(traceback.format_exc()[-3000:])
+            if "decoder" not in report["configs"][-1] and L >= 2**14 and not args.smoke:
+                queue.insert(0, (B, L // 4))  # the build failed: a shorter max_len, once per halving pair
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()

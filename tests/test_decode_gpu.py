@@ -26,8 +26,7 @@ def _rel_per_position(got, want):
 @pytest.mark.parametrize("name, backend", [("hyena_lm", "inductor"), ("h3_lm", "eager"), ("long_conv", "eager")])
 def test_cuda_graph_decoder_matches_eager(name, backend):
     model = _model(name)
-    g = torch.Generator(device=DEV).manual_seed(0)
-    x = ZOO[name].make_inputs(model, 3, 300, g)[0]
+    x = ZOO[name].make_inputs(model, 3, 300, torch.Generator().manual_seed(0))[0].to(DEV)
     with torch.no_grad():
         ref = model(x)
     dec = lcsm_compile.decoder(model, x[:, :21], max_len=300, inner_backend=backend)
@@ -41,7 +40,7 @@ def test_cuda_graph_decoder_matches_eager(name, backend):
 
 def test_generate_and_serving_on_gpu():
     model = _model("hyena_lm")
-    ids = torch.randint(0, model.vocab_size, (2, 9), device=DEV, generator=torch.Generator(device=DEV).manual_seed(0))
+    ids = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
     got = lcsm_compile.generate(model, ids, 100, inner_backend="eager")
     x = ids
     with torch.no_grad():
