@@ -112,11 +112,14 @@ def bench_decode(args) -> dict:
     model = _model(args.config, args.max_len)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.vocab_size, (args.batch, args.prompt + args.tokens + 1), generator=g)
-    out = Path(tempfile.mkdtemp())
-    t = time.perf_counter()
-    lcsm_compile.export_onnx(model, ids[:, : args.prompt], out_dir=out, max_len=args.max_len)
-    export_s = time.perf_counter() - t
-    log(f"exported in {export_s:.1f} s to {out}")
+    if args.artifact:  # an export of the same config and max_len, reused
+        out, export_s = Path(args.artifact), None
+    else:
+        out = Path(tempfile.mkdtemp())
+        t = time.perf_counter()
+        lcsm_compile.export_onnx(model, ids[:, : args.prompt], out_dir=out, max_len=args.max_len)
+        export_s = time.perf_counter() - t
+        log(f"exported in {export_s:.1f} s to {out}")
     dec = OnnxDecoder(out, providers=providers, mixer_device=device)
     model_dev = model.to(device)
     pt = lcsm_compile.decoder(model_dev, ids[:, : args.prompt].to(device), max_len=args.max_len)
@@ -149,7 +152,8 @@ def bench_decode(args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    run_onnx(), run_torch()  # warm-up
+    for _ in range(2):  # warm-up: the first runs of each session allocate
+        run_onnx(), run_torch()
     t_onnx = min(run_onnx() for _ in range(args.repeat))
     t_torch = min(run_torch() for _ in range(args.repeat))
     row = {"config": args.config, "batch": args.batch, "prompt": args.prompt, "tokens": args.tokens,
@@ -174,12 +178,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--artifact", help="decode: reuse this export (same config and max_len) instead of exporting")
     args = p.parse_args()
     result = bench_conv(args) if args.mode == "conv" else bench_decode(args)
     device = torch.cuda.get_device_name() if args.providers == "cuda" else platform.processor() or "cpu"
     import onnxruntime
 
     result.update(mode=args.mode, device=device, date=datetime.date.today().isoformat(),
+                  load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,  # shared CPUs skew times
                   torch=torch.__version__, onnxruntime=onnxruntime.__version__, args=vars(args))
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
