@@ -1,10 +1,13 @@
 """The decoder on a GPU: CUDA graphs per tile level (Triton online conv), inductor step segments."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import lcsm_compile
+from lcsm_compile.backend import lcsm_backend
 from lcsm_compile.runtime.cuda_graphs import StepGraphs
 from lcsm_compile.runtime.lazy import LazyConv
 from lcsm_compile.runtime.step_program import StepProgram
@@ -47,7 +50,9 @@ def test_generate_and_serving_on_gpu():
         for _ in range(100):
             x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(got, x)
-    compiled = torch.compile(model, backend="lcsm", options={"decode": True, "inner_backend": "eager", "max_len": 256})
+    options = {"decode": True, "inner_backend": "eager", "max_len": 256}
+    # the backend object itself: where the package is not installed, "lcsm" has no entry point
+    compiled = torch.compile(model, backend=functools.partial(lcsm_backend, options=options))
     lcsm_compile.counters.clear()
     with torch.no_grad():
         for n in range(9, 60):
