@@ -39,6 +39,9 @@ class ExplainReport:
             lines.append(f"  {'#':>2}  {'kind':9} {'strategy':8} {'filter':>7} {'channels':>8}  node")
             for i, m in enumerate(self.mixers):
                 lines.append(f"  {i:>2}  {m.kind:9} {m.strategy:8} {m.filter_length:>7} {m.channels:>8}  {m.node}")
+            lines.append("  decode strategy:")
+            for i, m in enumerate(self.mixers):
+                lines.append(f"  {i:>2}  {m.strategy}: {m.strategy_reason}")
         if self.unsupported:
             lines.append("  left unchanged:")
             for u in self.unsupported:

@@ -37,6 +37,7 @@ from torch import Tensor, fx
 from .. import ops as _ops  # noqa: F401 - registers lcsm::causal_conv
 from ..settings import Settings
 from .capture import CapturedGraph, sym_expr
+from .modal import Strategy, choose_strategy
 from .region import describe_node
 from .seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, mixing_reason, seq_axis
 
@@ -86,6 +87,7 @@ class ConvSite:
     short: bool  # a ring buffer of filter_length - 1 inputs instead of the online engine
     attr: str | None = None  # the graph's buffer holding the filter (the runtime may slim it)
     depth: int = 0  # long: steps after segment `depth`; short: runs inside segment `depth`
+    strategy: Strategy | None = None  # long convs: "modal" (its recurrence) or "long" (the tiling)
 
     @property
     def batch(self) -> int:
@@ -389,10 +391,26 @@ def _extent_of(h: Tensor) -> int:
     return int(nz.max()) + 1 if len(nz) else 1
 
 
+def _decode_strategy(cg: CapturedGraph, node: fx.Node, i: int, mixers: list | None, settings: Settings) -> Strategy:
+    """A long conv's decode strategy from the verified mixer behind it (modal.choose_strategy)."""
+    if mixers is not None:
+        mixer = mixers[i] if i < len(mixers) else None
+    else:
+        index, known = node.meta.get("lcsm_mixer"), cg.facts.get("mixers", [])
+        mixer = known[index] if index is not None and index < len(known) else None
+    if mixer is None:
+        return Strategy("long", "no verified mixer recorded for this convolution: tiling")
+    strategy = choose_strategy(mixer, settings)
+    if strategy.name == "short":  # the folded filter at max_len is longer than the mixer's at capture
+        return Strategy("long", f"{strategy.reason}, but {describe_node(node)} is long at max_len: tiling")
+    return strategy
+
+
 def incrementalize(cg: CapturedGraph, settings: Settings, max_len: int, unsupported=(),
-                   filters: list[Tensor] | None = None) -> StepPlan:
+                   filters: list[Tensor] | None = None, mixers: list | None = None) -> StepPlan:
     """The step plan of a rewritten graph, or IncrementalizeError naming every obstacle.
-    `filters` replaces the graph's folded filters (in causal_conv order), for static captures."""
+    `filters` and `mixers` replace the graph's folded filters and their verified mixers (in
+    causal_conv order), for static captures."""
     if unsupported:
         raise IncrementalizeError([(u.node, u.reason) for u in unsupported])
     problems: list[tuple[str, str]] = []
@@ -455,7 +473,10 @@ def incrementalize(cg: CapturedGraph, settings: Settings, max_len: int, unsuppor
         k = _extent_of(h)
         if k >= h.shape[-1] and h.shape[-1] < max_len:
             problems.append((describe_node(node), f"filter folded at {h.shape[-1]} < max_len={max_len}"))
-        convs.append(ConvSite(node, i, node.args[0], h, k, k <= settings.short_conv_max, attr))
+        site = ConvSite(node, i, node.args[0], h, k, k <= settings.short_conv_max, attr)
+        if not site.short:
+            site.strategy = _decode_strategy(cg, node, i, mixers, settings)
+        convs.append(site)
 
     output_time: list[int | None] = []
     for a in outputs:

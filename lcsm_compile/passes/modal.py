@@ -35,6 +35,8 @@ __all__ = ["MAX_MODES", "ModalFilter", "Strategy", "choose_strategy", "modal_tol
 aten = torch.ops.aten
 # More modes than this per channel: the tiling is the better decoder (and the fit gets costly).
 MAX_MODES = 64
+# Residues summing to more than this times max|h| cancel: fp32 state (eps 6e-8) would lose ~1e-3 of h.
+MAX_CANCELLATION = 1e4
 _EXP = (aten.exp.default,)
 _POW = (aten.pow.Tensor_Tensor, aten.pow.Scalar)
 
@@ -131,8 +133,19 @@ def _recognise(mixer: Mixer, rtol: float) -> tuple[ModalFilter | None, str]:
             if err > allowed:
                 reasons.append((err, f"h is not a sum of {n} exponentials r p^t: relative error {err:.1e}"))
                 continue
+            growth = _cancellation(h, residues)
+            if growth > MAX_CANCELLATION:
+                reasons.append((math.inf, f"ill-conditioned modes: the residues sum to {growth:.1e} x max|h| "
+                                          "(they cancel; an fp32 recurrence state would lose h)"))
+                continue
             return ModalFilter(per_channel, residues, skip, err, allowed, L, describe_node(node)), ""
     return None, min(reasons, key=lambda r: r[0])[1]
+
+
+def _cancellation(h: Tensor, residues: Tensor) -> float:
+    """max over channels of sum_n |r_n| / max_t |h[t]|: how much the modes cancel at t = 0."""
+    peak = h.detach().abs().amax(-1).double().clamp_min(1e-300)
+    return float((residues.abs().sum(-1).to(peak.device) / peak).max())
 
 
 def _fold_shape(mixer: Mixer) -> list[int]:
@@ -281,9 +294,14 @@ def _least_squares(h: Tensor, poles: Tensor) -> Tensor:
     V = torch.exp(torch.where(zero, torch.zeros((), dtype=p.dtype), torch.log(p)[..., None] * t))
     V = torch.where(zero, torch.zeros_like(V), V)  # 0^t = 0 for t >= 1
     A = torch.cat([V.real, -V.imag], dim=1).transpose(1, 2)  # (C, T, 2n)
-    scale = A.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    scale = A.norm(dim=1, keepdim=True)
+    # A column far smaller than the channel's largest (the imaginary part of a pole that is real
+    # up to rounding) carries only noise: normalised, it would fit that noise with a huge residue.
+    keep = scale > 1e-9 * scale.amax(-1, keepdim=True)
+    scale = torch.where(keep, scale, torch.ones_like(scale))
     y = h[:, t.long().to(h.device)].cpu()[..., None]
-    x = torch.linalg.lstsq(A / scale, y, rcond=1e-13, driver="gelsd").solution / scale.transpose(1, 2)
+    x = torch.linalg.lstsq(A * keep / scale, y, rcond=1e-13, driver="gelsd").solution / scale.transpose(1, 2)
+    x = x * keep.transpose(1, 2)
     x = x[..., 0]
     return torch.complex(x[:, :n], x[:, n:]).to(h.device)
 

@@ -7,6 +7,7 @@ every mixing node left alone with the reason, for explain() and for the fallback
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from ..settings import Settings
 from .capture import CapturedGraph
 from .fold import fold
 from .match import Rejection, match
+from .modal import Strategy, choose_strategy
 from .region import backward_slice, describe_node
 from .rewrite import rewrite
 from .seq_axis import MIXING, mixing_reason, seq_axis
@@ -29,12 +31,31 @@ counters: defaultdict[str, Counter] = defaultdict(Counter)
 
 @dataclass
 class MixerInfo:
+    """One rewritten mixer. `strategy` is how a decoder steps it ("short" ring buffer, "modal"
+    recurrence or "long" tiling) and `strategy_reason` why; both are decided on first read (modal
+    recognition re-evaluates the filter subgraph, which a prefill-only compile never needs)."""
+
     kind: str
     filter_length: int
     channels: int
     node: str
-    strategy: str
     fold_length: int
+    mixer: Mixer | None = field(default=None, repr=False, compare=False)
+    settings: Settings | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def _strategy(self) -> Strategy:
+        if self.mixer is None:
+            return Strategy("long", "no filter subgraph recorded")
+        return choose_strategy(self.mixer, self.settings or Settings())
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy.name
+
+    @property
+    def strategy_reason(self) -> str:
+        return self._strategy.reason
 
 
 @dataclass
@@ -53,10 +74,6 @@ class CompileReport:
     accepted: list[Mixer] = field(default_factory=list)
 
 
-def _strategy(mx: Mixer, settings: Settings) -> str:
-    return "short" if mx.filter_length <= settings.short_conv_max else "long"
-
-
 def run_pipeline(cg: CapturedGraph, settings: Settings) -> CompileReport:
     report = CompileReport(cg.length, cg.symbolic)
     n_mixing = seq_axis(cg)
@@ -71,7 +88,7 @@ def run_pipeline(cg: CapturedGraph, settings: Settings) -> CompileReport:
             covered |= set(backward_slice(region.y, region.u)[0])
     for mx in mixers:
         report.mixers.append(
-            MixerInfo(mx.kind, mx.filter_length, mx.channels, mx.region.describe(), _strategy(mx, settings), mx.length)
+            MixerInfo(mx.kind, mx.filter_length, mx.channels, mx.region.describe(), mx.length, mx, settings)
         )
     for rej in rejections:
         report.unsupported.append(Unsupported(rej.describe(), rej.reason))

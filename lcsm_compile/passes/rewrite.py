@@ -78,6 +78,7 @@ def _replace(cg: CapturedGraph, b: _Builder, mx: Mixer, index: int) -> None:
         x = b.call(aten.clone.default, x, memory_format=torch.contiguous_format)
         x = b.call(aten.view.default, x, [batch, mx.channels, L])
         out = b.call(torch.ops.lcsm.causal_conv.default, x, h)
+        out.meta["lcsm_mixer"] = index  # cg.facts["mixers"][index]: the decoder picks its strategy from it
         if mx.bias is not None:
             bias = b.attr(gm, MIXER_ATTR.format(index) + "_bias", mx.bias.to(u.meta["val"].dtype).reshape(1, -1, 1))
             out = b.call(aten.add.Tensor, out, bias)
@@ -101,6 +102,7 @@ def rewrite(cg: CapturedGraph, mixers: list[Mixer]) -> Counter:
         consumed |= region_nodes
         _replace(cg, b, mx, i)
         counts[mx.kind] += 1
+    cg.facts["mixers"] = mixers
     cg.gm.graph.eliminate_dead_code()
     cg.gm.graph.lint()
     cg.gm.recompile()

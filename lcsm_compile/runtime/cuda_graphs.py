@@ -37,11 +37,15 @@ class StepGraphs:
         last = {key[1] for key in plan.segments[-1].outputs if key[0] == "out"}
         self.outputs = {i: torch.empty(shape, dtype=dtype, device=dev)
                         for i, (shape, dtype) in p.out_shapes.items() if i in last}
-        self.levels = [-1, *range(self.engines[0].n_levels)] if self.engines else [None]
+        # One graph per tile level of the tiled engines (they share max_len, hence the schedule);
+        # recurrences (n_levels = 0) run the same launches at every position.
+        self.tiled = [eng for eng in self.engines if eng.n_levels]
+        self.levels = [-1, *range(self.tiled[0].n_levels)] if self.tiled else [None]
         t_scratch = max(p.max_len - 2, 0)
         with ExitStack() as stack:
             for eng in self.engines:
-                stack.enter_context(scratch_position(eng))
+                own = getattr(eng, "scratch_position", None)  # a ModalRecurrence saves its own state
+                stack.enter_context(own() if own is not None else scratch_position(eng))
             scratch = [eng.pos.clone() for eng in self.engines]
             saved_t, saved_rings = p.t.clone(), {k: r.clone() for k, r in p.rings.items()}
 
@@ -88,7 +92,7 @@ class StepGraphs:
             buf.copy_(v)
         for eng in self.engines:
             eng._check_can_step(range(eng.M))
-        level = self.engines[0].tile_level() if self.engines else None
+        level = self.tiled[0].tile_level() if self.tiled else None
         self.graphs[level].replay()
         for eng in self.engines:
             eng.advance(launch=False, check=False)

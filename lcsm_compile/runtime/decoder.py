@@ -126,7 +126,7 @@ class Decoder:
         L = args[self.time_args[0]].shape[self.dim]
         cap_args = _at_length(args, self.time_args, max(L, 2), self.dim)
         report, cg = capture(model, cap_args, settings.replace(max_len=self.max_len), True, self.time_args)
-        filters = None
+        filters = mixers = None
         if not cg.symbolic:  # dynamo specialized L: structure at a prime length, filters at max_len
             Lp = self._prime_length(cg)
             cap_args = _at_length(args, self.time_args, Lp, self.dim)
@@ -135,7 +135,10 @@ class Decoder:
                 raise IncrementalizeError([(u.node, u.reason) for u in report.unsupported])
             full = _at_length(args, self.time_args, self.max_len, self.dim)
             report_full, cg_full = capture(model, full, settings, False, self.time_args)
-            filters = [_filter_of(cg_full, n.args[1]) for n in cg_full.gm.graph.nodes if n.target is CAUSAL_CONV]
+            convs = [n for n in cg_full.gm.graph.nodes if n.target is CAUSAL_CONV]
+            filters = [_filter_of(cg_full, n.args[1]) for n in convs]
+            known = cg_full.facts.get("mixers", [])
+            mixers = [known[n.meta["lcsm_mixer"]] if n.meta.get("lcsm_mixer") is not None else None for n in convs]
             report = dataclasses.replace(report, unsupported=report.unsupported + report_full.unsupported)
         self._seq_arg = []
         for inp in cg.inputs:
@@ -145,7 +148,7 @@ class Decoder:
                     raise IncrementalizeError([(inp.source, "a graph input that is neither a weight nor an "
                                                 "argument of the call")])
                 self._seq_arg.append(j)
-        return incrementalize(cg, settings, self.max_len, report.unsupported, filters)
+        return incrementalize(cg, settings, self.max_len, report.unsupported, filters, mixers)
 
     def _prime_length(self, cg) -> int:
         sizes = {int(s) for inp in cg.inputs if inp.role == "static" for s in inp.value.shape} | {self.batch}

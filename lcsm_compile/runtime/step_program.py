@@ -45,6 +45,15 @@ def _default_engine(filters: Tensor, batch: int, max_len: int, dtype: torch.dtyp
     return OnlineConv(filters, batch, max_len, dtype=dtype, device=device)
 
 
+def _modal_engine(modal: list, filters: Tensor, batch: int, max_len: int, dtype: torch.dtype, device):
+    """One ModalRecurrence for a group of modal convs (fewer modes padded with zero poles); prompts
+    are convolved with the folded filters themselves."""
+    from ..kernels.modal import ModalRecurrence  # noqa: PLC0415 - kernels load lazily
+
+    return ModalRecurrence([f.poles for f in modal], [f.residues for f in modal], [f.skip for f in modal], batch,
+                           dtype=dtype, device=device, max_len=max_len, filters=filters)
+
+
 class StepProgram:
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
                  engine_factory: Callable | None = None, like: "StepProgram | None" = None):
@@ -55,7 +64,7 @@ class StepProgram:
         self.frontier = like.frontier if like is not None else self._precompute()
         self.t = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.position, self.prompt_len = 0, None
-        self._build_state(engine_factory or _default_engine)
+        self._build_state(engine_factory)
         if like is not None:
             self.consts, self.out_shapes, self.fns = like.consts, like.out_shapes, like.fns
             return
@@ -101,16 +110,22 @@ class StepProgram:
             raise IncrementalizeError(problems)
         return values
 
-    def _build_state(self, engine_factory: Callable) -> None:
+    def _build_state(self, engine_factory: Callable | None) -> None:
+        """Engines for the long convs: modal ones (plan strategy "modal") get a ModalRecurrence
+        unless another engine was asked for (the lazy baseline); the rest the online tiling."""
         plan = self.plan
         self.engines, self.where, self.conv_out = [], {}, {}
         groups: dict[tuple, list] = {}
         for c in plan.long_convs:
-            groups.setdefault((c.channels, c.batch, c.dtype), []).append(c)
-        for (C, B, dtype), sites in ([] if self.floor else groups.items()):
+            modal = engine_factory is None and c.strategy is not None and c.strategy.modal is not None
+            groups.setdefault((c.channels, c.batch, c.dtype, modal), []).append(c)
+        for (C, B, dtype, modal), sites in ([] if self.floor else groups.items()):
             K = max(c.filter.shape[-1] for c in sites)
-            filters = torch.stack([F.pad(c.filter, (0, K - c.filter.shape[-1])) for c in sites])
-            eng = engine_factory(filters.to(self.device), B, plan.max_len, dtype, self.device)
+            filters = torch.stack([F.pad(c.filter, (0, K - c.filter.shape[-1])) for c in sites]).to(self.device)
+            if modal:
+                eng = _modal_engine([c.strategy.modal for c in sites], filters, B, plan.max_len, dtype, self.device)
+            else:
+                eng = (engine_factory or _default_engine)(filters, B, plan.max_len, dtype, self.device)
             del filters
             self.engines.append(eng)
             for m, c in enumerate(sites):

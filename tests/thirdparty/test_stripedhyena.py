@@ -1,6 +1,6 @@
 """stripedhyena 0.2.2 (Together's StripedHyena / Evo-1 code, installed from PyPI) as a client:
 compiled prefill vs its own stateless_forward, explain(), its own recurrent decoder, and our
-decoder (tiling, and the modal recurrence) vs the full forward, at several lengths and batches."""
+decoder (the modal recurrence it picks, and the tiling when forced) vs the full forward, at several lengths and batches."""
 import copy
 import warnings
 
@@ -51,7 +51,12 @@ def test_explain_finds_every_mixer():
     assert report.ok, str(report)
     kinds = [(m.kind, m.strategy, m.channels, m.filter_length) for m in report.mixers]
     # per Hyena block: the short FIR on the 3 projections, then the long modal filter on x1*v
-    assert kinds == [("conv", "short", 96, 3), ("fft", "long", 32, report.fold_length)] * 3, str(report)
+    assert kinds == [("conv", "short", 96, 3), ("fft", "modal", 32, report.fold_length)] * 3, str(report)
+    assert all("state 8" in m.strategy_reason for m in report.mixers[1::2]), str(report)
+    assert "decode strategy" in str(report) and "recurrence, state 8" in str(report)
+    forced = lcsm_compile.explain(model, _ids(2, 100), modal_recurrence=False)
+    assert [m.strategy for m in forced.mixers] == ["short", "long"] * 3, str(forced)
+    assert "modal_recurrence=False" in forced.mixers[1].strategy_reason
 
 
 @pytest.mark.xfail(strict=False, reason="capture maps only parameters and buffers to module state: "
@@ -86,30 +91,6 @@ def _decode(dec, ids, P):
     return torch.cat(out, 1)
 
 
-def _use_modal_recurrences(dec, model):
-    """Until the decoder picks the recurrence itself: replace its online engines by ModalRecurrences
-    built from recognise_modal on the same mixers (matched by their folded filters)."""
-    from lcsm_compile.kernels.modal import ModalRecurrence
-    from lcsm_compile.passes.modal import recognise_modal
-    from test_modal_recognition import accepted_mixers
-
-    prog = dec.program
-    if not hasattr(prog, "where") or not hasattr(prog, "engines"):
-        pytest.fail("the decoder's step program changed: update this test to its modal option")
-    mixers = [mx for mx in accepted_mixers(model, _ids(dec.batch, 16), max_len=dec.max_len) if mx.kind == "fft"]
-    engines, where = [], {}
-    for c in dec.plan.long_convs:
-        mx = min(mixers, key=lambda mx: float((mx.h - c.filter).abs().max()))
-        assert torch.equal(mx.h, c.filter)
-        modal, why = recognise_modal(mx)
-        assert modal is not None, why
-        eng = ModalRecurrence(modal.poles, modal.residues, modal.skip, c.batch, dtype=c.dtype,
-                              max_len=dec.max_len, filters=c.filter[None])
-        engines.append(eng)
-        where[c.index] = (eng, 0)
-    prog.engines, prog.where = engines, where
-
-
 @pytest.mark.parametrize("B", [1, 2])
 def test_decoder_matches_full_forward(B):
     # stripedhyena's forward cuts its time vector `t` to the call's length, so a model last called
@@ -120,14 +101,15 @@ def test_decoder_matches_full_forward(B):
     ids = _ids(B, 100, seed=B)
     with torch.no_grad():
         want = reference(ids)
-    dec = lcsm_compile.decoder(model, ids[:, :16], max_len=128, inner_backend="eager")
-    for P in (1, 17, 64):
-        got = _decode(dec, ids, P)
-        assert _rel(got, want[:, P - 1 :]) <= 1e-5, ("tiling", P)
+    from lcsm_compile.kernels import OnlineConv
     from lcsm_compile.kernels.modal import ModalRecurrence
 
-    if not any(isinstance(e, ModalRecurrence) for e in dec.program.engines):
-        _use_modal_recurrences(dec, fresh)
-    for P in (1, 17, 64):
-        got = _decode(dec, ids, P)
-        assert _rel(got, want[:, P - 1 :]) <= 1e-5, ("modal", P)
+    for strategy, opts, engine in (("modal", {}, ModalRecurrence),
+                                   ("tiling", {"modal_recurrence": False}, OnlineConv)):
+        dec = lcsm_compile.decoder(copy.deepcopy(fresh), ids[:, :16], max_len=128, inner_backend="eager", **opts)
+        assert len(dec.program.engines) == 1 and isinstance(dec.program.engines[0], engine), strategy
+        assert dec.program.engines[0].M == 2  # both layers' long convolutions in one engine
+        assert all(c.strategy.name == ("modal" if engine is ModalRecurrence else "long") for c in dec.plan.long_convs)
+        for P in (1, 17, 64):
+            got = _decode(dec, ids, P)
+            assert _rel(got, want[:, P - 1 :]) <= 1e-5, (strategy, P)

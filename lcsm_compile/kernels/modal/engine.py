@@ -100,6 +100,11 @@ class ModalRecurrence:
         self.pos = torch.zeros(3, dtype=torch.int64, device=self.device)
         self.reset()
 
+    @property
+    def h(self) -> Tensor | None:
+        """The (M, C, K) filters the prompts are convolved with, when given (as OnlineConv.h)."""
+        return self._filters
+
     # ---------------------------------------------------------------- host state
     @property
     def position(self) -> int:
