@@ -26,9 +26,6 @@ compiles the segments and owns the state; the decoder checks the whole thing num
 from __future__ import annotations
 
 import operator
-import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import sympy
 import torch
@@ -37,15 +34,24 @@ from torch import Tensor, fx
 from .. import ops as _ops  # noqa: F401 - registers lcsm::causal_conv
 from ..settings import Settings
 from .capture import CapturedGraph, sym_expr
+from .length_eval import (
+    _flat,
+    _is_time_symbol,
+    _time,
+    ancestors,
+    evaluate,
+    input_env,
+    shape_at,
+)
 from .modal import Strategy, choose_strategy
 from .region import describe_node
 from .seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, mixing_reason, seq_axis
+from .step_plan import CAUSAL_CONV, ConvSite, IncrementalizeError, Segment, StepPlan
 
 __all__ = ["ConvSite", "IncrementalizeError", "Segment", "StepPlan", "ancestors", "evaluate", "incrementalize",
            "input_env", "shape_at"]
 
 aten = torch.ops.aten
-CAUSAL_CONV = torch.ops.lcsm.causal_conv.default
 
 # Ops that take sizes: the only places a length-dependent int may appear.
 _SHAPE_OPS = {
@@ -53,11 +59,6 @@ _SHAPE_OPS = {
     aten.slice.Tensor, aten.sym_size.int, aten.new_zeros.default, aten.new_empty.default,
     aten.new_ones.default, aten.new_full.default, aten.full.default, aten.zeros.default,
     aten.ones.default, aten.empty.memory_format, aten._assert_scalar.default,
-}
-_SIZE_ARG = {  # op -> index of its size list (static graphs rescale it)
-    aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1, aten.expand.default: 1,
-    aten.new_zeros.default: 1, aten.new_empty.default: 1, aten.new_ones.default: 1, aten.new_full.default: 1,
-    aten.full.default: 0, aten.zeros.default: 0, aten.ones.default: 0, aten.empty.memory_format: 0,
 }
 # A `dim` argument of these names positions, not acts along, that dim.
 _DIM_IS_POSITION = {
@@ -68,105 +69,7 @@ _INT_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operato
             operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne)
 
 
-class IncrementalizeError(RuntimeError):
-    """The graph has no exact step form; `problems` lists (node, reason)."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems = list(dict.fromkeys(problems))
-        lines = "; ".join(f"{node}: {reason}" for node, reason in problems)
-        super().__init__(f"lcsm: cannot decode this model step by step: {lines}")
-
-
-@dataclass
-class ConvSite:
-    node: fx.Node
-    index: int  # order among the graph's causal_conv nodes
-    x: fx.Node  # its input (B', C, L)
-    filter: Tensor  # (C, K) at the fold length, skip in filter[:, 0]
-    filter_length: int  # taps up to the last nonzero one
-    short: bool  # a ring buffer of filter_length - 1 inputs instead of the online engine
-    attr: str | None = None  # the graph's buffer holding the filter (the runtime may slim it)
-    depth: int = 0  # long: steps after segment `depth`; short: runs inside segment `depth`
-    strategy: Strategy | None = None  # long convs: "modal" (its recurrence) or "long" (the tiling)
-
-    @property
-    def batch(self) -> int:
-        return int(self.x.meta["val"].shape[0])
-
-    @property
-    def channels(self) -> int:
-        return int(self.filter.shape[0])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.node.meta["val"].dtype
-
-
-@dataclass
-class Segment:
-    """Nodes evaluated together between two rounds of long-conv steps, and what crosses its border.
-
-    Input keys: ("seq", placeholder), ("conv", node), ("value", node) from an earlier segment,
-    ("static", node), ("positional", node), ("state", conv index), ("taps", conv index), ("t",).
-    Output keys: ("conv_in", conv index), ("state", conv index), ("value", node)."""
-
-    index: int
-    nodes: list[fx.Node] = field(default_factory=list)
-    inputs: list[tuple] = field(default_factory=list)
-    outputs: list[tuple] = field(default_factory=list)
-
-
-@dataclass
-class StepPlan:
-    cg: CapturedGraph
-    max_len: int
-    convs: list[ConvSite]
-    segments: list[Segment]
-    nodes: list[fx.Node]  # every node the full graph evaluates, in order
-    outputs: list[Any]  # the output node's flat args (nodes or constants)
-    output_time: list[int | None]  # time dim of each output, None for outputs without one
-    seq_inputs: list[fx.Node]  # sequence placeholders, in graph order
-    frontier: list[fx.Node]  # input-independent tensors the position-wise part reads
-    time_dim: dict[fx.Node, int] = field(default_factory=dict)  # positional frontier -> time dim
-
-    @property
-    def symbolic(self) -> bool:
-        return self.cg.symbolic
-
-    @property
-    def long_convs(self) -> list[ConvSite]:
-        return [c for c in self.convs if not c.short]
-
-    def conv_of(self, node: fx.Node) -> ConvSite:
-        return self._by_node[node]
-
-    @property
-    def convs_by_index(self) -> dict[int, ConvSite]:
-        return {c.index: c for c in self.convs}
-
-    def __post_init__(self):
-        self._by_node = {c.node: c for c in self.convs}
-
-
 # ---------------------------------------------------------------- time axes
-def _extent(cg: CapturedGraph, size) -> int | None:
-    """c when a dim of this size is c*L; -1 when it depends on L otherwise; None when not time."""
-    if cg.symbolic:
-        expr = sym_expr(size)
-        if not isinstance(expr, sympy.Expr) or cg.time_symbol not in expr.free_symbols:
-            return None
-        c = sympy.simplify(expr / cg.time_symbol)
-        return int(c) if c.is_Integer and c > 0 else -1
-    size = int(size)
-    return size // cg.length if size > 0 and size % cg.length == 0 else None
-
-
-def _time(cg: CapturedGraph, val) -> list[tuple[int, int]]:
-    if not isinstance(val, Tensor):
-        return []
-    return [(i, c) for i, s in enumerate(val.shape) if (c := _extent(cg, s)) is not None]
-
-
 def _annotate_static(cg: CapturedGraph) -> None:
     """Static L: time axes are the dims of a multiple of the capture length (B*L after a flatten)."""
     for node in cg.gm.graph.nodes:
@@ -267,110 +170,6 @@ def _check_seq_node(cg: CapturedGraph, node: fx.Node) -> str | None:
         if not cg.symbolic and isinstance(value, int) and value >= cg.length and value % cg.length == 0:
             return f"uses {value}, a multiple of the length it was captured at, as a number"
     return None
-
-
-def _flat(args, kwargs) -> list:
-    out: list = []
-    fx.node.map_aggregate((args, kwargs), out.append)
-    return out
-
-
-# ---------------------------------------------------------------- evaluation
-def _rescale(cg: CapturedGraph, node: fx.Node, args: tuple, n: int) -> tuple:
-    """Static graphs: the node's shape constants for length n instead of the capture length."""
-    L = cg.length
-    t = node.target
-    if t in _SIZE_ARG:
-        i = _SIZE_ARG[t]
-        out = node.meta["val"]
-        sizes = [
-            s // L * n if s != -1 and d in node.meta.get("lcsm_time", ()) and s % L == 0 else s
-            for d, s in enumerate(args[i])
-        ] if out.dim() == len(args[i]) else list(args[i])
-        return (*args[:i], sizes, *args[i + 1:])
-    if t is aten.slice.Tensor and len(args) > 3:
-        src = node.args[0].meta["val"]
-        dim = args[1] % src.dim()
-        if dim in node.args[0].meta.get("lcsm_time", ()) and args[3] is not None and args[3] >= src.shape[dim]:
-            return (*args[:3], sys.maxsize, *args[4:])
-    return args
-
-
-def evaluate(plan_or_cg, nodes: list[fx.Node], env: dict, n: int,
-             conv: Callable[[fx.Node, Tensor], Tensor] | None = None) -> dict:
-    """Run `nodes` (topological order) at length n into env; nodes already in env are kept.
-    Placeholders must be in env; causal_conv nodes go through `conv(node, x)` when given."""
-    cg = plan_or_cg.cg if isinstance(plan_or_cg, StepPlan) else plan_or_cg
-    gm = cg.gm
-    for node in nodes:
-        if node in env:
-            continue
-        if node.op == "placeholder":
-            raise KeyError(f"incrementalize: no value for input {node.name}")
-        elif node.op == "get_attr":
-            env[node] = getattr(gm, node.target)
-        elif node.op == "call_function":
-            if node.target is aten._assert_scalar.default:
-                env[node] = None
-                continue
-            if node.target is CAUSAL_CONV and conv is not None:
-                env[node] = conv(node, env[node.args[0]])
-                continue
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-            if not cg.symbolic and n != cg.length:
-                args = _rescale(cg, node, args, n)
-            env[node] = node.target(*args, **kwargs)
-        elif node.op == "output":
-            continue
-        else:
-            raise IncrementalizeError([(describe_node(node), f"unsupported node kind {node.op}")])
-    return env
-
-
-def _is_time_symbol(cg: CapturedGraph, inp) -> bool:
-    return cg.symbolic and sym_expr(inp.node.meta.get("val")) == cg.time_symbol
-
-
-def input_env(cg: CapturedGraph, values: list | None, n: int) -> dict:
-    """Placeholder values: `values` for sequence inputs (graph order; None: leave them out),
-    the real weights, n for L."""
-    env: dict = {}
-    seq = iter(values or ())
-    for inp in cg.inputs:
-        if inp.role == "static":
-            env[inp.node] = inp.value
-        elif inp.role == "sym":
-            env[inp.node] = n if _is_time_symbol(cg, inp) else inp.value
-        elif values is not None:
-            env[inp.node] = next(seq)
-    return env
-
-
-def shape_at(cg: CapturedGraph, val: Tensor, n: int) -> list[int]:
-    """The concrete shape of a value at length n."""
-    shape = []
-    for s in val.shape:
-        c = _extent(cg, s)
-        if c is None:
-            shape.append(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s))
-        else:
-            shape.append(c * n)
-    return shape
-
-
-def ancestors(nodes: list[fx.Node]) -> list[fx.Node]:
-    """`nodes` and everything they are computed from, in graph order."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    if not seen:
-        return []
-    graph = next(iter(seen)).graph
-    return [n for n in graph.nodes if n in seen]
 
 
 # ---------------------------------------------------------------- the plan
