@@ -3,8 +3,14 @@
 aot_autograd lowers and functionalizes the graph; its placeholders line up one to one with
 the dynamo graph's inputs, which lets us map parameters and buffers (graph inputs since
 torch 2.x inlines nn.Modules) back to the module's real tensors, so later passes can fold
-filter generators with their values. Inputs are parameters/buffers ("static"), SymInts
-(sizes of dynamic dims) or sequence tensors (everything else the caller passes).
+filter generators with their values. Each input's role comes from dynamo's source for it:
+
+    static    the model's own tensors: anything reached through a module (parameters, buffers,
+              and plain tensor attributes such as `self.t = torch.arange(L)` set in __init__,
+              L['self'].t, L['self']._modules['filter'].t), through the compiled
+              function's `self` or closure, or from a global (G['table'])
+    sym       SymInts (sizes of dynamic dims)
+    sequence  the call's arguments (L['x'], L['args'][0], L['batch'].ids): everything else
 """
 from __future__ import annotations
 
@@ -55,8 +61,44 @@ def sym_expr(value: Any) -> Any:
     return value
 
 
-def _is_static_source(name: str, value: Any) -> bool:
-    return isinstance(value, torch.nn.Parameter) or "_parameters" in name or "_buffers" in name
+# Source kinds that mean "a module's tensor" and roots that are not arguments of the call.
+_MODULE_SOURCES = (
+    "NNModuleSource", "UnspecializedNNModuleSource", "UnspecializedBuiltinNNModuleSource",
+    "FSDPNNModuleSource", "ParamBufferSource", "UnspecializedParamBufferSource",
+)
+_GLOBAL_ROOTS = ("GlobalSource", "GlobalWeakRefSource")
+_CLOSURE_ROOTS = ("ClosureSource", "CellContentsSource", "LocalCellSource")
+
+
+def _source_chain(source: Any) -> list[Any]:
+    """The source and its bases, outermost first (L['self'].t -> [AttrSource, ..., LocalSource])."""
+    chain = []
+    while source is not None and len(chain) < 64:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    return chain
+
+
+def _is_static_source(name: str, value: Any, source: Any = None) -> bool:
+    """A tensor of the model (or a global / closure constant), not an argument of the call."""
+    if isinstance(value, torch.nn.Parameter) or "_parameters" in name or "_buffers" in name:
+        return True
+    chain = _source_chain(source)
+    if not chain:
+        return False
+    kinds = [type(s).__name__ for s in chain]
+    if any(k in _MODULE_SOURCES for k in kinds):
+        return True  # reached through an nn.Module: a parameter, buffer or plain tensor attribute
+    root, root_kind = chain[-1], kinds[-1]
+    if root_kind in _GLOBAL_ROOTS or root_kind in _CLOSURE_ROOTS:
+        return True
+    if root_kind == "LocalSource":
+        if getattr(root, "is_derefed_cell_contents", False):
+            return True  # a closure variable of the compiled function
+        # An attribute of the compiled method's own object (self.table on a non-Module wrapper).
+        if getattr(root, "local_name", None) == "self" and "AttrSource" in kinds[:-1]:
+            return True
+    return False
 
 
 def describe_inputs(
@@ -75,13 +117,14 @@ def describe_inputs(
     inputs: list[GraphInput] = []
     for dn, an, value in zip(dyn_ph, aten_ph, example_inputs):
         grapharg = dn.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else dn.name
+        src = grapharg.source if grapharg is not None else None
+        source = src.name if src is not None else dn.name
         source = source() if callable(source) else str(source)
         if isinstance(value, (int, torch.SymInt)):
             role = "sym"
             if isinstance(value, torch.SymInt):
                 value = int(value.node.hint)  # the size this call was made with
-        elif isinstance(value, torch.Tensor) and _is_static_source(source, value):
+        elif isinstance(value, torch.Tensor) and _is_static_source(source, value, src):
             role = "static"
         else:
             role = "sequence"

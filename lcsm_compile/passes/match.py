@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .capture import CapturedGraph
+from .capture import CapturedGraph, sym_expr
 from .region import Region, describe_node, foreign_inputs
 from .seq_axis import is_static
 
@@ -62,11 +62,23 @@ def _u_candidates(x: fx.Node, through_views: bool) -> list[fx.Node]:
     return out[::-1] if through_views else out
 
 
+def _shape_key(val: torch.Tensor) -> tuple:
+    # Sizes as expressions: comparing SymInts would ask the shape env, and a dynamic L that
+    # equals a static dim (L == D == 16) would then be specialized to that value.
+    return tuple(sym_expr(s) for s in val.shape)
+
+
 def _same_layout(a: fx.Node, b: fx.Node) -> bool:
+    """Same shape and time in the same dim: (B, L, D) is not its transpose (B, D, L) when L == D."""
     va, vb = a.meta.get("val"), b.meta.get("val")
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
         return False
-    return tuple(va.shape) == tuple(vb.shape) and not vb.is_complex()
+    if _shape_key(va) != _shape_key(vb) or vb.is_complex():
+        return False
+    if a.meta.get("lcsm_time_guess") or b.meta.get("lcsm_time_guess"):
+        return True  # time dims guessed from sizes: the shape decides, the verifier checks
+    ta, tb = a.meta.get("lcsm_time"), b.meta.get("lcsm_time")
+    return ta is None or tb is None or tuple(ta) == tuple(tb)
 
 
 def _walk_to_shape(seed: fx.Node, u: fx.Node, limit: int = 16) -> tuple[fx.Node | None, str | None]:
