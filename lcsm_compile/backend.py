@@ -4,7 +4,9 @@ Thin on purpose: validate the options, lower the dynamo graph to ATen (capture),
 pipeline, hand the rewritten graph to the inner compiler. Registered through the
 `torch_dynamo_backends` entry point, so `import lcsm_compile` is not needed first.
 A graph the pipeline cannot handle runs as the inner compiler alone would run it, with a
-warning naming why (once); `options={"strict": True}` raises instead.
+warning naming why (once); `options={"strict": True}` raises instead. Dynamo's own control-flow
+exceptions (restart analysis, skip frame), raised from inside the ATen capture, pass through
+untouched: dynamo catches them to retrace, and a fallback would hide them.
 """
 from __future__ import annotations
 
@@ -51,6 +53,21 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
     return gm.forward
 
 
+def _dynamo_control_flow(e: BaseException) -> bool:
+    """Whether `e` is one of dynamo's internal control-flow exceptions, which must reach dynamo.
+
+    E.g. aot_autograd's scalar tensorification raises TensorifyScalarRestartAnalysis under
+    `dynamic=True` so that dynamo restarts analysis with those scalars specialised."""
+    import torch._dynamo.exc as exc  # noqa: PLC0415 - only on the failure path
+
+    kinds = tuple(k for k in (getattr(exc, n, None) for n in ("RestartAnalysis", "SkipFrame")) if isinstance(k, type))
+    if kinds and isinstance(e, kinds):
+        return True
+    # A dynamo exception that tells convert_frame how to run the frame is control flow too.
+    base = getattr(exc, "TorchDynamoException", None)
+    return isinstance(base, type) and isinstance(e, base) and getattr(e, "frame_exec_strategy", None) is not None
+
+
 def _problems(report: CompileReport) -> str:
     return "; ".join(f"{u.node}: {u.reason}" for u in report.unsupported)
 
@@ -81,6 +98,8 @@ def lcsm_backend(
             cg = describe_inputs(gm, example_inputs, aten_gm, settings.seq_dim)
             report = run_pipeline(cg, settings)
     except Exception as e:
+        if _dynamo_control_flow(e):
+            raise
         if settings.strict:
             raise LcsmCompileError(f"lcsm: cannot compile this graph: {e}") from e
         _warn_once(f"lcsm: graph left unchanged: {type(e).__name__}: {e}")

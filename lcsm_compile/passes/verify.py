@@ -6,14 +6,22 @@ For a region y = f(u):
   channels   f(r * delta_0) - c == r * h for random r, else the region mixes channels
   causality  f(delta_{L-1}) - c is zero before L-1, else it reads future positions
   probes     f(u) - c == causal_conv(u, h) for random u (linearity, time invariance)
-  lengths    with a dynamic L, h at a second length is a prefix-extension of h at the first;
+  lengths    with a dynamic L the rewritten graph serves other lengths too, so the region is
+             re-run at a longer, a shorter and the shortest length its shape guards admit (from 2;
+             lengths the guards exclude never run this graph): it must be causal there
+             (an FFT whose size does not grow with L, or a fixed-length filter transformed at 2L,
+             wraps around at some lengths only), and with probes on, h there is a prefix of h at
+             the capture length and a random probe matches the convolution;
              with a static L, factory ops sized by L (linspace(0, 1, L)) are re-run at L+1
 A region that fails keeps its original nodes, and the reason goes to explain().
+Sampled lengths are not all lengths: a region causal at every length checked but not at some
+other one is not caught.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
 import torch
 from torch import Tensor, fx
 
@@ -23,7 +31,7 @@ from .capture import CapturedGraph, sym_expr
 from .match import Rejection
 from .region import Region, RegionFunction, depends_on, foreign_inputs
 
-__all__ = ["Mixer", "verify_region", "verify", "to_canonical", "from_canonical"]
+__all__ = ["Mixer", "filter_extent", "verify_region", "verify", "to_canonical", "from_canonical"]
 
 aten = torch.ops.aten
 
@@ -49,8 +57,44 @@ class Mixer:
 
     @property
     def filter_length(self) -> int:
-        nz = (self.h.abs() > 0).any(0).nonzero()
-        return int(nz.max()) + 1 if len(nz) else 1
+        """Taps up to the last significant one (see filter_extent): FFT round-off is not a tap."""
+        return filter_extent(self.h)
+
+
+# A tap at most TAP_EPS * eps(dtype) * max|h| of its channel is round-off level (an FFT path
+# leaves ~eps * max|h| in taps a few-tap filter never had). A channel's tail of such taps is cut
+# only when its L1 mass is at most TAIL_EPS * eps (capped at TAIL_MAX) of the channel's L1 norm:
+# a long filter whose many small taps add up (a big skip over a small decaying filter) keeps them.
+TAP_EPS = 8.0
+TAIL_EPS = 1024.0
+TAIL_MAX = 1e-2
+
+
+def filter_extent(h: Tensor) -> int:
+    """The number of taps of a (C, L) filter up to its last significant one (at least 1).
+
+    Per channel: the last tap above TAP_EPS * eps * max|h_c|, if the taps past it carry at most
+    min(TAIL_EPS * eps, TAIL_MAX) of the channel's L1 norm; else the last nonzero tap. The
+    filter's extent is the largest over channels."""
+    if h.numel() == 0 or h.shape[-1] == 0:
+        return 1
+    a = h.detach().reshape(-1, h.shape[-1]).abs().double()
+    C, L = a.shape
+    place = torch.arange(1, L + 1, device=a.device, dtype=torch.long)
+
+    def last(mask: Tensor) -> Tensor:  # per channel: 1 + index of the last True (0 when none)
+        return torch.where(mask, place, torch.zeros_like(place)).amax(-1)
+
+    exact = last(a > 0)
+    if not (h.dtype.is_floating_point or h.dtype.is_complex):
+        return max(1, int(exact.max()))
+    eps = torch.finfo(h.dtype).eps
+    significant = last(a > TAP_EPS * eps * a.amax(-1, keepdim=True))
+    # tail[c, t] = sum of |h[c, s]| for s >= t, with tail[c, L] = 0
+    tail = torch.cat([a.flip(-1).cumsum(-1).flip(-1), a.new_zeros(C, 1)], -1)
+    dropped = tail.gather(-1, significant.unsqueeze(-1)).squeeze(-1)
+    ok = dropped <= min(TAIL_EPS * eps, TAIL_MAX) * tail[:, 0]
+    return max(1, int(torch.where(ok, significant, exact).max()))
 
 
 class VerifyError(Exception):
@@ -190,32 +234,119 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
                     raise VerifyError("not time-invariant: the filter changes with position")
             raise VerifyError(f"does not match a causal convolution (relative error {err:.2e})")
     mixer = Mixer(region, fn, axis, bcast, chan, h, bias, L)
-    if probes:
-        _check_lengths(cg, mixer, shape, dtype, device, tol)
+    _check_lengths(cg, mixer, shape, dtype, device, tol, probes)
     return mixer
 
 
-def _check_lengths(cg, mixer: Mixer, shape, dtype, device, tol) -> None:
+def _length_admitted(size, L2: int) -> bool:
+    """Whether the graph's shape guards hold with the time size `size` (a SymInt) at L2 and every
+    other size at its hint: a graph traced through min(4, L) is guarded to L >= 4, and outside
+    its guards it never runs. Guards that cannot be decided count as holding."""
+    node = getattr(size, "node", None)
+    env = getattr(node, "shape_env", None)
+    sym = getattr(node, "expr", None)
+    if env is None or not isinstance(sym, sympy.Symbol):
+        return True
+    rng = env.var_to_range.get(sym)
+    if rng is not None and not (rng.lower <= L2 <= rng.upper):
+        return False
+    hints = dict(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
+    hints[sym] = sympy.Integer(L2)
+    for guard in env.guards:
+        try:
+            value = guard.expr.xreplace(hints)
+        except Exception:  # noqa: BLE001 - an expression sympy cannot substitute: undecided
+            continue
+        if value is sympy.false or value is False:
+            return False
+    return True
+
+
+def _range_lower(size) -> int:
+    """The least value the shape env allows the time size (a SymInt), 2 when unknown."""
+    node = getattr(size, "node", None)
+    env, sym = getattr(node, "shape_env", None), getattr(node, "expr", None)
+    rng = env.var_to_range.get(sym) if env is not None and isinstance(sym, sympy.Symbol) else None
+    try:
+        return max(2, int(rng.lower)) if rng is not None else 2
+    except (TypeError, ValueError):
+        return 2
+
+
+def _other_lengths(L: int, admitted, lower: int = 2) -> list[int]:
+    """Where a dynamic-L region is re-checked: longer, shorter, and the shortest length the graph's
+    guards admit (from 2: a fixed-length filter transformed at 2L wraps around at short lengths
+    first). Lengths the guards exclude are skipped (the graph never runs there)."""
+    out: list[int] = []
+    for L2 in (L + max(3, L // 2), L - L // 3):
+        if L2 >= 2 and L2 != L and admitted(L2):
+            out.append(L2)
+    lo = max(2, lower)
+    shortest = next((n for n in range(lo, min(L, lo + 32)) if admitted(n)), None)
+    if shortest is not None and shortest not in out:
+        out.append(shortest)
+    return out
+
+
+def _check_lengths(cg, mixer: Mixer, shape, dtype, device, tol, probes: bool = True) -> None:
     L = shape[mixer.axis]
     if cg.symbolic:
-        for L2 in (L + max(3, L // 2), L - L // 3):
-            if L2 < 2 or L2 == L:
-                continue
-            shp = list(shape)
-            shp[mixer.axis] = L2
-            try:
-                h2, _ = impulse_response(mixer.fn, shp, mixer.axis, dtype, device)
-            except Exception:  # noqa: BLE001 - the model may not run past its own max_len
-                continue
-            h2 = to_canonical(h2, mixer.axis, mixer.bcast_dims, mixer.chan_dims)[0]
-            m = min(L, L2)
-            if _rel(h2[:, :m], mixer.h[:, :m]) > tol:
-                raise VerifyError("filter depends on total length (not prefix-consistent across lengths)")
-            return
+        size = mixer.region.u.meta["val"].shape[mixer.axis]
+        for L2 in _other_lengths(L, lambda n: _length_admitted(size, n), _range_lower(size)):
+            # Prefix and probe at the longer and shorter length; causality everywhere (a prefix of
+            # a few taps at the shortest length says little).
+            full = probes and L2 >= L - L // 3
+            _check_at_length(mixer, shape, L2, dtype, device, tol, full)
+        return
+    if not probes:
         return
     for node in mixer.fn.constant:
         if _length_factory_changes(node, L):
             raise VerifyError(f"filter depends on total length ({node.target} over {L} points)")
+
+
+def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: bool) -> None:
+    """The region at length L2: causal; with `full`, its filter a prefix-extension of (or a prefix
+    of) the one at the capture length, and a random probe equal to the causal convolution."""
+    axis, bcast, chan = mixer.axis, mixer.bcast_dims, mixer.chan_dims
+    L = shape[axis]
+    shp = list(shape)
+    shp[axis] = L2
+    shp = tuple(shp)
+
+    def probe(at: int | None = None, u: Tensor | None = None) -> Tensor:
+        if u is None:
+            u = torch.zeros(shp, dtype=dtype, device=device)
+            if at is not None:
+                u.select(axis, at).fill_(1)
+        return mixer.fn(u)
+
+    try:
+        c2 = probe()
+        h2_full = probe(0) - c2
+        last = probe(L2 - 1) - c2 if L2 > 1 else None
+    except Exception:  # noqa: BLE001 - the model may not run past its own max_len
+        return
+    if tuple(h2_full.shape) != shp:
+        return  # nor would the model: its output there is not one value per position
+    scale = float(h2_full.double().norm().clamp_min(1e-30))
+    if last is not None:
+        leak = float(last.narrow(axis, 0, L2 - 1).double().norm())
+        if leak > tol * max(scale, float(last.double().norm())):
+            raise VerifyError(f"non-causal at L={L2}: reads future positions")
+    if not full:
+        return
+    h2 = to_canonical(h2_full, axis, bcast, chan)[0]
+    m = min(L, L2)
+    if _rel(h2[:, :m], mixer.h[:, :m]) > tol:
+        raise VerifyError("filter depends on total length (not prefix-consistent across lengths)")
+    g = torch.Generator(device="cpu").manual_seed(4321 + L2)
+    u = torch.randn(shp, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    got = probe(u=u) - c2
+    want = from_canonical(causal_conv_reference(to_canonical(u, axis, bcast, chan), h2), shp, axis, bcast, chan)
+    err = _rel(got, want)
+    if err > tol:
+        raise VerifyError(f"does not match a causal convolution at L={L2} (relative error {err:.2e})")
 
 
 _FACTORIES = (aten.linspace.default, aten.logspace.default)

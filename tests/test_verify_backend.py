@@ -1,0 +1,242 @@
+"""verify across lengths, filter extents that ignore FFT round-off, and dynamo's restart
+exceptions passing through the backend."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lcsm_compile
+import lcsm_compile.backend as backend
+from lcsm_compile.passes.verify import filter_extent
+from lcsm_compile.settings import Settings
+from lcsm_compile.zoo.h3 import ShiftSSMKernel
+from lcsm_compile.zoo import ZOO
+
+EAGER = {"inner_backend": "eager"}
+D = 8
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _rewrites():
+    return sum(lcsm_compile.counters["rewrite"].values())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    backend._warned.clear()  # the fallback warning is once per reason per process
+
+
+# --- 1. causality at lengths other than the capture length ------------------------------------
+
+
+class FixedFilterAt2L(nn.Module):
+    """A K-tap filter transformed at n = 2L (fla's LongConvolution spelling): circular, so
+    non-causal, for L < K - 1; causal from there on."""
+
+    def __init__(self, K: int = 48):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.h = nn.Parameter(torch.randn(D, K, generator=g) / math.sqrt(K))
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        L = u.shape[-1]
+        n = 2 * L
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., :L]
+        return y.transpose(1, 2)
+
+
+class FixedFFTSize(nn.Module):
+    """FFT size from a buffer (N = 64) and a K-tap filter: causal while L + K - 1 <= N, circular
+    (the last outputs wrap onto the first) for longer L."""
+
+    def __init__(self, K: int = 16, N: int = 64):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.h = nn.Parameter(torch.randn(D, K, generator=g) / math.sqrt(K))
+        self.register_buffer("window", torch.ones(N), persistent=False)
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        L = u.shape[-1]
+        n = self.window.shape[-1]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., :L]
+        return y.transpose(1, 2)
+
+
+def _reads_future(model, L) -> bool:
+    """Whether changing the second half of the input changes the first half of the output."""
+    x = torch.randn(2, L, D, generator=torch.Generator().manual_seed(L))
+    x2 = x.clone()
+    x2[:, L // 2 :] += 1.0
+    with torch.no_grad():
+        return not torch.allclose(model(x)[:, : L // 2], model(x2)[:, : L // 2], atol=1e-6)
+
+
+# (model, capture length where it is causal, another length the dynamic graph serves where it is not)
+CASES = {
+    "fixed_filter_at_2L": (FixedFilterAt2L, 64, 40),
+    "fixed_fft_size": (FixedFFTSize, 40, 60),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_causal_at_capture_length_but_not_at_another_is_not_rewritten(name):
+    cls, L_capture, L_other = CASES[name]
+    model = cls().eval()
+    assert not _reads_future(model, L_capture) and _reads_future(model, L_other)  # the premise
+
+    x = torch.randn(2, L_capture, D, generator=torch.Generator().manual_seed(0))
+    report = lcsm_compile.explain(model, x)  # explain marks L dynamic
+    assert not report.mixers, str(report)
+    reasons = [u.reason for u in report.unsupported]
+    assert any(r.startswith("non-causal at L=") and "reads future positions" in r for r in reasons), reasons
+
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", options=EAGER)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "left unchanged" warning
+        for L in (L_capture, L_other, L_capture):
+            xl = torch.randn(2, L, D, generator=torch.Generator().manual_seed(L))
+            torch._dynamo.mark_dynamic(xl, 1)
+            assert _rel(compiled(xl), model(xl)) <= 1e-6, L
+    assert _rewrites() == 0
+
+
+def test_causal_at_every_length_still_rewritten_dynamic():
+    """The other-length checks do not reject a causal FFT conv (its filter cut to L)."""
+    model = ZOO["spelling_fft_complex"].build()
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", options=EAGER)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback
+        for L in (40, 64, 23):
+            x = torch.randn(2, L, model.d_model, generator=torch.Generator().manual_seed(L))
+            torch._dynamo.mark_dynamic(x, 1)
+            assert _rel(compiled(x), model(x)) <= 1e-5, L
+    assert _rewrites() == 1  # one dynamic graph serves all three lengths
+
+
+# --- 2. filter extent: FFT round-off is not a tap ---------------------------------------------
+
+
+def test_h3_shift_filter_is_short_and_s4d_filter_long():
+    entry = ZOO["h3_lm"]
+    model = entry.build()
+    ids = entry.make_inputs(model, 1, 63, torch.Generator().manual_seed(0))
+    report = lcsm_compile.explain(model, *ids)
+    assert report.ok and len(report.mixers) == 4, str(report)
+    shift_len = next(m for m in model.modules() if isinstance(m, ShiftSSMKernel)).N  # 4 in h3_tiny
+    lengths = sorted(m.filter_length for m in report.mixers)
+    # per layer: the shift SSM (d_shift = 4 taps, measured through an FFT at 2L) and the S4D kernel
+    assert lengths[:2] == [shift_len, shift_len], str(report)
+    short_max = Settings().short_conv_max
+    assert all(n > short_max for n in lengths[2:]), str(report)
+    assert lengths[2:] == [report.fold_length] * 2, str(report)
+    assert sorted(m.strategy for m in report.mixers)[-2:] == ["short", "short"], str(report)
+
+
+class DecayingFFTConv(nn.Module):
+    """y = h * u through an FFT at 2L with h[t] = exp(-t / tau) per channel, max_len taps."""
+
+    def __init__(self, max_len: int = 1024, tau: float = 200.0):
+        super().__init__()
+        t = torch.arange(max_len).float()
+        scale = torch.linspace(0.5, 2.0, D)[:, None]
+        self.h = nn.Parameter(scale * torch.exp(-t / tau))
+        self.max_len = max_len
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        L = u.shape[-1]
+        h = self.h[:, :L]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(h, n=2 * L), n=2 * L)[..., :L]
+        return y.transpose(1, 2)
+
+
+def test_decaying_exponential_keeps_its_length():
+    model = DecayingFFTConv().eval()  # last tap exp(-1023/200) ~ 6e-3 of the first
+    report = lcsm_compile.explain(model, torch.randn(1, 100, D, generator=torch.Generator().manual_seed(0)))
+    assert report.ok and len(report.mixers) == 1, str(report)
+    assert report.fold_length == 1024 and report.mixers[0].filter_length == 1024, str(report)
+
+
+def test_filter_extent_thresholds():
+    L = 4096
+    t = torch.arange(L, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    # exact zeros past the last tap
+    h = torch.zeros(3, L)
+    h[:, :5] = torch.randn(3, 5, generator=g)
+    assert filter_extent(h) == 5
+    # round-off (~eps * max, random sign) past a 4-tap filter: cut
+    noisy = h.clone()
+    noisy[:, :5] = 0
+    noisy[:, :4] = torch.randn(3, 4, generator=g) + 2
+    noisy[:, 4:] = 1e-8 * torch.randn(3, L - 4, generator=g)
+    assert filter_extent(noisy) == 4
+    # ... unless the channel is that small itself (per-channel scale)
+    tiny = noisy.clone()
+    tiny[1] = 1e-8 * torch.randn(L, generator=g)
+    assert filter_extent(tiny) == L
+    # a big skip over a small long decaying filter: each tap is below the round-off level of the
+    # channel's peak, but together they carry ~1e-3 of its L1 norm, so they are kept
+    skip = (1e-6 * torch.exp(-t / 2000)).float().expand(3, L).clone()
+    skip[:, 0] = 1.0
+    assert filter_extent(skip) == L
+    # a decaying exponential keeps its small late taps
+    decay = torch.exp(-t / 300).float().expand(2, L).clone()  # last tap ~1e-6 of the first
+    assert filter_extent(decay) == L
+    # dtype-aware: a 1e-8-relative tail is round-off in float32 but real in float64
+    assert filter_extent(noisy.double()) == L
+    assert filter_extent(torch.zeros(2, 7)) == 1
+
+
+# --- 3. dynamo's restart exceptions pass through the backend ---------------------------------
+
+
+def test_dynamic_true_compiles_and_rewrites():
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", dynamic=True, options=EAGER)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "graph left unchanged" fallback
+        for L in (63, 100):
+            (ids,) = entry.make_inputs(model, 2, L, torch.Generator().manual_seed(L))
+            assert _rel(compiled(ids), model(ids)) <= 1e-5, L
+    assert _rewrites() == entry.expected_convs  # one dynamic graph, every mixer rewritten
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_restart_exceptions_are_reraised_untouched(monkeypatch, strict):
+    exc = torch._dynamo.exc
+    gm = torch.fx.symbolic_trace(lambda x: x * 2)
+    inputs = [torch.randn(2, 3, 4)]
+    for cls in (exc.TensorifyScalarRestartAnalysis, exc.RestartAnalysis, exc.SkipFrame):
+        def boom(*_args, cls=cls):
+            raise cls()
+
+        monkeypatch.setattr(backend, "capture_aten", boom)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # neither a fallback warning
+            with pytest.raises(cls) as info:
+                backend.lcsm_backend(gm, inputs, options={**EAGER, "strict": strict})
+        assert type(info.value) is cls  # nor wrapped in LcsmCompileError
+
+    def fail(*_args):
+        raise RuntimeError("a real failure")
+
+    monkeypatch.setattr(backend, "capture_aten", fail)
+    if strict:
+        with pytest.raises(backend.LcsmCompileError):
+            backend.lcsm_backend(gm, inputs, options={**EAGER, "strict": True})
+    else:
+        with pytest.warns(UserWarning, match="a real failure"):
+            fn = backend.lcsm_backend(gm, inputs, options=EAGER)
+        assert torch.equal(fn(*inputs), inputs[0] * 2)
