@@ -7,18 +7,66 @@
 """
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+# eager: importing the package registers torch.ops.lcsm.causal_conv, which the passes emit and
+# exported programs name
 from .ops import causal_conv, causal_conv_reference
-from .explain import ExplainReport, explain
-from .passes.pipeline import counters
-from .settings import Settings
-from .runtime.decoder import decoder
-from .runtime.generate import generate
 
 __version__ = "0.1.0"
 
+# the rest load on first use: they import aot_autograd, torch.onnx, ... (seconds), which
+# `lcsm-compile --help` and its usage errors do not need (the console script imports this package)
+_LAZY = {
+    "ExplainReport": ".explain",
+    "explain": ".explain",
+    "counters": ".passes.pipeline",
+    "Settings": ".settings",
+    "decoder": ".runtime.decoder",
+    "generate": ".runtime.generate",
+    "export_onnx": ".export.onnx_export",
+}
+# subpackages the eager imports used to bind here, which code reaches as `lcsm_compile.backend` etc.
+_SUBMODULES = ("backend", "export", "kernels", "passes", "runtime", "settings")
 
-from .export.onnx_export import export_onnx  # noqa: E402 - the ONNX artifact (export/)
+if TYPE_CHECKING:
+    from .explain import ExplainReport, explain
+    from .export.onnx_export import export_onnx
+    from .passes.pipeline import counters
+    from .runtime.decoder import decoder
+    from .runtime.generate import generate
+    from .settings import Settings
 
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it here
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
+
+class _Package(types.ModuleType):
+    """Keeps `lcsm_compile.explain` the function. The import system binds a submodule on its package
+    when it first loads, and the submodule `explain` may now load after this package (it used to load
+    inside it, before `explain` was rebound to the function)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "explain" and isinstance(value, types.ModuleType):
+            value = value.explain
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "ExplainReport",

@@ -135,7 +135,7 @@ def timed(fn, device: str, desc: str | None = None, show: bool = True, total: in
 
 
 def run_demo(args) -> int:
-    from .cli import pick_device  # noqa: PLC0415
+    from .cli.models import pick_device  # noqa: PLC0415
 
     begin = time.perf_counter()
     device = pick_device(args.device)
@@ -145,7 +145,7 @@ def run_demo(args) -> int:
     entry = ZOO[MODEL]
     model = entry.build().to(device)
     if P + N > model.max_len:
-        from .cli import CliError  # noqa: PLC0415
+        from .cli.errors import CliError  # noqa: PLC0415
 
         raise CliError(f"--prompt-len + --new-tokens = {P + N} exceeds the model's max_len {model.max_len}")
     if device == "cuda":  # fp32 parity means fp32: no TF32 in the eager reference either
