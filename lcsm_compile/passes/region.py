@@ -4,6 +4,15 @@ The verifier probes regions with impulses and random inputs, and the fold pass e
 at max_len; both need "y as a function of u" with every other input held at its real value.
 Nodes that do not depend on u (the filter generator) are evaluated once per length and cached,
 so an implicit MLP filter runs once per compile however many probes are made.
+
+Memory: an evaluation frees each intermediate after its last use and keeps only what is read
+afterwards: the values the u-dependent nodes read (the frontier) and, for modal recognition
+(`constants(shape)`), exp / pow nodes and their inputs. Only probing (calling the function)
+caches, and only the frontier; `constants(shape)` evaluates afresh without caching, and
+`forget()` drops the cache once probing is over. Filters at max_len are large (each hidden
+layer of an implicit MLP is (L, width); StripedHyena's exp(t log p) is (D, n, L) complex), so
+nothing that size outlives the pass that needs it. Each node's call is recorded at
+construction, so the subgraph can be re-evaluated after rewrite has erased its nodes.
 """
 from __future__ import annotations
 
@@ -16,7 +25,12 @@ from torch import fx
 
 from .capture import CapturedGraph, sym_expr
 
-__all__ = ["Region", "RegionFunction", "backward_slice", "foreign_inputs"]
+__all__ = ["INSPECTED", "Region", "RegionFunction", "backward_slice", "foreign_inputs"]
+
+aten = torch.ops.aten
+# Filter nodes whose values (and their inputs' values) stay readable after evaluation:
+# modal recognition reads the poles from exp(t log p) / p ** t over time (passes/modal.py).
+INSPECTED = (aten.exp.default, aten.pow.Tensor_Tensor, aten.pow.Scalar, aten.pow.Tensor_Scalar)
 
 
 @dataclass
@@ -104,20 +118,67 @@ class RegionFunction:
         self.nodes, self.leaves = backward_slice(region.y, region.u)
         memo: dict = {}
         self.dynamic = [n for n in self.nodes if depends_on(n, region.u, memo)]
-        self.constant = [n for n in self.nodes if n not in set(self.dynamic)]
+        dynamic = set(self.dynamic)
+        self.constant = [n for n in self.nodes if n not in dynamic]
+        # Each node's call as it is now: rewrite erases the filter nodes (and nulls their args).
+        self._calls = {n: (n.target, n.args, dict(n.kwargs)) for n in self.nodes}
         self._cache: dict[tuple, dict[fx.Node, Any]] = {}
         self.constant_evaluations = 0
         u_val = region.u.meta["val"]
         self._u_symbols = {i: sym_expr(s) for i, s in enumerate(u_val.shape)}
+        # What an evaluation of the filter keeps: the leaves (references to the model's own
+        # tensors and sizes), the values u-dependent nodes read (the frontier) and, when asked,
+        # the inspected nodes with their inputs; everything else dies at its last use.
+        constant = set(self.constant)
+        read = {a for d in self.dynamic for a in self._inputs(d)}
+        self.frontier = [n for n in self.constant if n in read]
+        if region.y in constant:
+            self.frontier.append(region.y)
+        inspected = set()
+        for n in self.constant:
+            if n.target in INSPECTED:
+                inspected.add(n)
+                inspected.update(a for a in self._inputs(n) if a in constant)
+        self.inspected = [n for n in self.constant if n in inspected]
+        self._free_constant = {
+            False: self._last_uses(self.constant, constant - set(self.frontier)),
+            True: self._last_uses(self.constant, constant - set(self.frontier) - inspected),
+        }
+        self._free_dynamic = self._last_uses(self.dynamic, dynamic - {region.y})
 
-    def _bindings(self, shape: torch.Size) -> dict:
+    def _inputs(self, node: fx.Node) -> list[fx.Node]:
+        _, args, kwargs = self._calls[node]
+        found: list[fx.Node] = []
+        fx.node.map_arg((args, kwargs), found.append)
+        return found
+
+    def _last_uses(self, order: list[fx.Node], freeable: set) -> list[list[fx.Node]]:
+        """For each step of `order`, the freeable values no later step reads."""
+        last: dict[fx.Node, int] = {}
+        for i, node in enumerate(order):
+            for a in self._inputs(node):
+                if a in freeable:
+                    last[a] = i
+        free: list[list[fx.Node]] = [[] for _ in order]
+        for i, node in enumerate(order):
+            if node in freeable and node not in last:
+                free[i].append(node)  # never read in this order (read only by the other part)
+        for a, i in last.items():
+            free[i].append(a)
+        return free
+
+    def _bindings(self, shape: torch.Size, strict: bool = True) -> dict:
         binding = {}
         for i, expr in self._u_symbols.items():
             if isinstance(expr, sympy.Symbol):
                 binding[expr] = int(shape[i])
-            elif int(expr) != int(shape[i]):
+            elif strict and int(expr) != int(shape[i]):
                 raise ValueError(f"region input has static size {expr} in dim {i}, probe has {shape[i]}")
         return binding
+
+    @staticmethod
+    def _key(binding: dict) -> tuple:
+        return tuple(sorted((str(k), v) for k, v in binding.items()))
 
     def _leaf_value(self, node: fx.Node, binding: dict) -> Any:
         if node.op == "get_attr":
@@ -134,32 +195,55 @@ class RegionFunction:
             return inp.value
         raise RuntimeError(f"region reads sequence input {node.name} other than its own input")
 
-    @staticmethod
-    def _run(node: fx.Node, env: dict) -> Any:
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        return node.target(*args, **kwargs)
+    def _run(self, node: fx.Node, env: dict) -> Any:
+        target, args, kwargs = self._calls[node]
+        args = fx.node.map_arg(args, env.__getitem__)
+        kwargs = fx.node.map_arg(kwargs, env.__getitem__)
+        return target(*args, **kwargs)
+
+    def evaluate_constants(self, shape: torch.Size, inspect: bool = False) -> dict[fx.Node, Any]:
+        """Evaluate the u-independent nodes at this input shape (no cache): the leaves, the
+        frontier (what `apply` needs) and with `inspect` the inspected values; every other
+        intermediate is freed after its last use. Static sizes of u need not match `shape` (they
+        do not reach the filter)."""
+        binding = self._bindings(shape, strict=False)
+        env = {leaf: self._leaf_value(leaf, binding) for leaf in self.leaves if leaf is not self.region.u}
+        with torch.no_grad():
+            for node, dead in zip(self.constant, self._free_constant[inspect]):
+                env[node] = self._run(node, env)
+                for d in dead:
+                    del env[d]
+        self.constant_evaluations += 1
+        from .pipeline import counters  # noqa: PLC0415 - pipeline imports this module
+
+        counters["filter"]["evaluations"] += 1
+        return env
 
     def constants(self, shape: torch.Size) -> dict[fx.Node, Any]:
-        """Values of the region's u-independent nodes (the filter) at this input shape, cached."""
-        binding = self._bindings(shape)
-        key = tuple(sorted((str(k), v) for k, v in binding.items()))
-        if key not in self._cache:
-            env = {leaf: self._leaf_value(leaf, binding) for leaf in self.leaves if leaf is not self.region.u}
-            with torch.no_grad():
-                for node in self.constant:
-                    env[node] = self._run(node, env)
-            self.constant_evaluations += 1
-            from .pipeline import counters  # noqa: PLC0415 - pipeline imports this module
+        """Values of the region's u-independent nodes that are read afterwards at this input
+        shape: the frontier and the inspected exp / pow nodes with their inputs (what modal
+        recognition reads). A fresh evaluation, not cached: the probes' cache holds the frontier
+        only."""
+        self._bindings(shape)  # static sizes must match, as for a probe
+        return self.evaluate_constants(shape, inspect=True)
 
-            counters["filter"]["evaluations"] += 1
-            self._cache[key] = env
-        return self._cache[key]
+    def forget(self) -> None:
+        """Drop the cached filter values (probing is over; a later read re-evaluates)."""
+        self._cache.clear()
 
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        env = dict(self.constants(u.shape))
+    def apply(self, u: torch.Tensor, constants: dict[fx.Node, Any]) -> torch.Tensor:
+        """y for input u with the filter values given (from evaluate_constants / constants)."""
+        env = dict(constants)
         env[self.region.u] = u
         with torch.no_grad():
-            for node in self.dynamic:
+            for node, dead in zip(self.dynamic, self._free_dynamic):
                 env[node] = self._run(node, env)
+                for d in dead:
+                    del env[d]
         return env[self.region.y]
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        key = self._key(self._bindings(u.shape))
+        if key not in self._cache:
+            self._cache[key] = self.evaluate_constants(u.shape)
+        return self.apply(u, self._cache[key])
