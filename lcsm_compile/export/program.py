@@ -29,6 +29,7 @@ from ..passes.capture import CapturedGraph, sym_expr
 from ..passes.pipeline import CompileReport
 from ..passes.region import describe_node
 from ..passes.seq_axis import MIXING, mixing_reason, seq_axis
+from ..passes.verify import filter_extent
 from ..settings import Settings
 
 __all__ = ["ExportError", "ExportPlan", "MixerSpec", "GraphCopier", "capture", "describe"]
@@ -209,8 +210,7 @@ def _plan(cg: CapturedGraph, report: CompileReport, max_len: int, inputs: list) 
     for node in cg.gm.graph.nodes:
         if node.op == "call_function" and node.target is CAUSAL_CONV:
             h, attr = _filter_of(cg.gm, node)
-            nz = (h.abs() > 0).any(0).nonzero()
-            K = int(nz.max()) + 1 if len(nz) else 1
+            K = filter_extent(h)  # as the decoder counts taps: FFT round-off is not a tap
             i = len(mixers)
             kind = SHORT if K <= short_max else LONG
             j = re.fullmatch(r"lcsm_filter_(\d+)", attr)

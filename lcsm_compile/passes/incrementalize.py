@@ -47,6 +47,7 @@ from .modal import Strategy, choose_strategy
 from .region import describe_node
 from .seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, mixing_reason, seq_axis
 from .step_plan import CAUSAL_CONV, ConvSite, IncrementalizeError, Segment, StepPlan
+from .verify import filter_extent
 
 __all__ = ["ConvSite", "IncrementalizeError", "Segment", "StepPlan", "ancestors", "evaluate", "incrementalize",
            "input_env", "shape_at"]
@@ -185,11 +186,6 @@ def _filter_of(cg: CapturedGraph, h: fx.Node) -> Tensor:
     return getattr(cg.gm, _filter_attr(h))
 
 
-def _extent_of(h: Tensor) -> int:
-    nz = (h != 0).any(0).nonzero()
-    return int(nz.max()) + 1 if len(nz) else 1
-
-
 def _decode_strategy(cg: CapturedGraph, node: fx.Node, i: int, mixers: list | None, settings: Settings) -> Strategy:
     """A long conv's decode strategy from the verified mixer behind it (modal.choose_strategy)."""
     if mixers is not None:
@@ -269,8 +265,8 @@ def incrementalize(cg: CapturedGraph, settings: Settings, max_len: int, unsuppor
             continue
         attr = _filter_attr(node.args[1])
         h = filters[i] if filters is not None and i < len(filters) else getattr(cg.gm, attr)
-        k = _extent_of(h)
-        if k >= h.shape[-1] and h.shape[-1] < max_len:
+        k = filter_extent(h)  # FFT round-off past the last real tap does not count
+        if k > settings.short_conv_max and k >= h.shape[-1] and h.shape[-1] < max_len:
             problems.append((describe_node(node), f"filter folded at {h.shape[-1]} < max_len={max_len}"))
         site = ConvSite(node, i, node.args[0], h, k, k <= settings.short_conv_max, attr)
         if not site.short:

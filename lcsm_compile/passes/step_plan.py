@@ -35,7 +35,7 @@ class ConvSite:
     index: int  # order among the graph's causal_conv nodes
     x: fx.Node  # its input (B', C, L)
     filter: Tensor  # (C, K) at the fold length, skip in filter[:, 0]
-    filter_length: int  # taps up to the last nonzero one
+    filter_length: int  # taps up to the last significant one (verify.filter_extent)
     short: bool  # a ring buffer of filter_length - 1 inputs instead of the online engine
     attr: str | None = None  # the graph's buffer holding the filter (the runtime may slim it)
     depth: int = 0  # long: steps after segment `depth`; short: runs inside segment `depth`

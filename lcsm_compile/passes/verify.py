@@ -58,7 +58,11 @@ class Mixer:
     @property
     def filter_length(self) -> int:
         """Taps up to the last significant one (see filter_extent): FFT round-off is not a tap."""
-        return filter_extent(self.h)
+        key = (id(self.h), tuple(self.h.shape))
+        cached = self.__dict__.get("_extent")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_extent"] = (key, filter_extent(self.h))
+        return cached[1]
 
 
 # A tap at most TAP_EPS * eps(dtype) * max|h| of its channel is round-off level (an FFT path
@@ -75,26 +79,37 @@ def filter_extent(h: Tensor) -> int:
 
     Per channel: the last tap above TAP_EPS * eps * max|h_c|, if the taps past it carry at most
     min(TAIL_EPS * eps, TAIL_MAX) of the channel's L1 norm; else the last nonzero tap. The
-    filter's extent is the largest over channels."""
+    filter's extent is the largest over channels. Works in channel chunks of ~16M elements:
+    filters at max_len are large (2592 x 2^17 for Hyena-153M)."""
     if h.numel() == 0 or h.shape[-1] == 0:
         return 1
-    a = h.detach().reshape(-1, h.shape[-1]).abs().double()
-    C, L = a.shape
-    place = torch.arange(1, L + 1, device=a.device, dtype=torch.long)
+    a_all = h.detach().reshape(-1, h.shape[-1])
+    L = a_all.shape[-1]
+    floating = h.dtype.is_floating_point or h.dtype.is_complex
+    eps = torch.finfo(h.dtype).eps if floating else 0.0
+    rows = max(1, (1 << 24) // L)
+    extent = 1
+    for c0 in range(0, a_all.shape[0], rows):
+        a = a_all[c0 : c0 + rows].abs()
+        if floating and a.dtype not in (torch.float32, torch.float64):
+            a = a.float()
+        exact = _last(a > 0, L)
+        if not floating:
+            extent = max(extent, int(exact.max()))
+            continue
+        significant = _last(a > TAP_EPS * eps * a.amax(-1, keepdim=True), L)
+        beyond = torch.arange(L, device=a.device)[None, :] >= significant[:, None]
+        dropped = torch.where(beyond, a, torch.zeros((), dtype=a.dtype, device=a.device)).sum(-1, dtype=torch.float64)
+        ok = dropped <= min(TAIL_EPS * eps, TAIL_MAX) * a.sum(-1, dtype=torch.float64)
+        extent = max(extent, int(torch.where(ok, significant, exact).max()))
+    return extent
 
-    def last(mask: Tensor) -> Tensor:  # per channel: 1 + index of the last True (0 when none)
-        return torch.where(mask, place, torch.zeros_like(place)).amax(-1)
 
-    exact = last(a > 0)
-    if not (h.dtype.is_floating_point or h.dtype.is_complex):
-        return max(1, int(exact.max()))
-    eps = torch.finfo(h.dtype).eps
-    significant = last(a > TAP_EPS * eps * a.amax(-1, keepdim=True))
-    # tail[c, t] = sum of |h[c, s]| for s >= t, with tail[c, L] = 0
-    tail = torch.cat([a.flip(-1).cumsum(-1).flip(-1), a.new_zeros(C, 1)], -1)
-    dropped = tail.gather(-1, significant.unsqueeze(-1)).squeeze(-1)
-    ok = dropped <= min(TAIL_EPS * eps, TAIL_MAX) * tail[:, 0]
-    return max(1, int(torch.where(ok, significant, exact).max()))
+def _last(mask: Tensor, L: int) -> Tensor:
+    """Per row: 1 + index of the last True (0 when none)."""
+    any_ = mask.any(-1)
+    last = L - mask.flip(-1).to(torch.uint8).argmax(-1)
+    return torch.where(any_, last, torch.zeros_like(last))
 
 
 class VerifyError(Exception):

@@ -19,12 +19,14 @@ import dataclasses
 import functools
 import itertools
 import types
+import warnings
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ..backend import lcsm_backend, report_listeners
-from ..passes.incrementalize import IncrementalizeError, StepPlan, _filter_of, incrementalize, CAUSAL_CONV
+from ..passes.incrementalize import CAUSAL_CONV, IncrementalizeError, StepPlan, _filter_of, incrementalize
+from ..passes.modal import Strategy
 from ..passes.pipeline import counters
 from ..settings import Settings
 from .lazy import LazyConv
@@ -112,14 +114,29 @@ class Decoder:
                       else x for j, x in enumerate(args)]
         self.device = x0.device
         self.plan = self._plan(model, args, settings)
-        compile = "inductor" if settings.inner_backend == "inductor" else "eager"
-        self.program = StepProgram(self.plan, self.device, compile=compile, floor=engine == "floor",
-                                   engine_factory=ENGINES[engine])
-        self._graphs, self._prefilled = None, False
-        self._use_graphs = (self.device.type == "cuda" and settings.cuda_graphs
-                            and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))
-        self._check_model(model, args, L)
+        self._build_program()
+        try:
+            self._check_model(model, args, L)
+        except IncrementalizeError as err:
+            modal = [c for c in self.plan.long_convs if c.strategy is not None and c.strategy.name == "modal"]
+            if not modal or "disagrees with the model" not in str(err):
+                raise
+            # The recurrence was confirmed on the filter alone; the model check is the last word.
+            why = f"modal recurrence disagreed with the model ({err.problems[0][1]}): tiling"
+            warnings.warn(f"lcsm decoder: {why}", stacklevel=3)
+            for c in modal:
+                c.strategy = Strategy("long", why)
+            self._build_program(like=self.program)
+            self._check_model(model, args, L)
         counters["decode"]["decoders"] += 1
+
+    def _build_program(self, like: StepProgram | None = None) -> None:
+        compile = "inductor" if self.settings.inner_backend == "inductor" else "eager"
+        self.program = StepProgram(self.plan, self.device, compile=compile, floor=self.engine == "floor",
+                                   engine_factory=ENGINES[self.engine], like=like)
+        self._graphs, self._prefilled = None, False
+        self._use_graphs = (self.device.type == "cuda" and self.settings.cuda_graphs
+                            and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))
 
     # ------------------------------------------------------------ build
     def _plan(self, model, args: list, settings: Settings) -> StepPlan:

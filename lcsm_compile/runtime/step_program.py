@@ -39,6 +39,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rounding_close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the rounding of computing them at two lengths (a GPU's matmuls round
+    differently by shape): relative L2 error <= 2048 eps of the dtype, as fold's prefix check."""
+    if not a.is_floating_point() or not bool(torch.isfinite(b).all()):
+        return False
+    tol = min(2048 * torch.finfo(a.dtype).eps, 3e-2)
+    a64, b64 = a.double(), b.double()
+    return float((a64 - b64).norm()) <= tol * max(float(a64.norm()), 1e-30)
+
+
 def _default_engine(filters: Tensor, batch: int, max_len: int, dtype: torch.dtype, device):
     from ..kernels import OnlineConv  # noqa: PLC0415 - kernels load lazily
 
@@ -101,8 +111,7 @@ class StepProgram:
                 a, b = values[node], env2[node]
                 if node in plan.time_dim:
                     a = a.narrow(plan.time_dim[node], 0, n2)
-                same = a.shape == b.shape and (
-                    torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=1e-6, atol=1e-6)))
+                same = a.shape == b.shape and (torch.equal(a, b) or _rounding_close(a, b))
                 if not same:
                     problems.append((describe_node(node), f"depends on the total length: its value at L={n2} "
                                      f"is not the prefix of its value at L={plan.max_len}"))
