@@ -240,3 +240,21 @@ def test_restart_exceptions_are_reraised_untouched(monkeypatch, strict):
         with pytest.warns(UserWarning, match="a real failure"):
             fn = backend.lcsm_backend(gm, inputs, options=EAGER)
         assert torch.equal(fn(*inputs), inputs[0] * 2)
+
+
+def test_reason_names_the_real_time_axis_when_length_equals_width():
+    """At L == D a size-based axis guess also tries the channel dim; the reason reported is the
+    one for the time dim seq_axis tracked (not "mixes channels")."""
+    from lcsm_compile.zoo import ZOO
+
+    entry = ZOO["neg_bidirectional_fft"]
+    model = entry.build()
+    x = entry.make_inputs(model, 1, model.d_model, torch.Generator().manual_seed(0))[0]
+    compiled = torch.compile(model, backend="lcsm", dynamic=False, options={"inner_backend": "eager"})
+    backend._warned.clear()  # the fallback warns once per message and process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    messages = [str(w.message) for w in caught if "lcsm" in str(w.message)]
+    assert any("non-causal: reads future positions" in m for m in messages), messages

@@ -173,6 +173,10 @@ def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixe
         raise VerifyError(f"its input is {dtype}, not a floating-point signal")
     tol = settings.verify_rtol if dtype in (torch.float32, torch.float64) else 3e-2
     axes = _axis_candidates(cg, uval, shape)
+    # Dims seq_axis tracked as time first: when L equals another size (L == D), the reason
+    # reported for a rejected region is then the one for its real time axis.
+    tracked = set(region.u.meta.get("lcsm_time", ()))
+    axes.sort(key=lambda d: d not in tracked)
     if not axes:
         raise VerifyError("no time dim found in the region's input")
     errors = []
