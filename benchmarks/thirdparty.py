@@ -12,8 +12,9 @@ Parts, each in its own process (one part's memory or failure never reaches anoth
 - ours:    `lcsm_compile.decoder` (inductor step, CUDA graphs), long convolutions on the online
            engine (Flash Inference tiling): every token of a generation from P0 to 2^16, the cost
            per token averaged over [P0, L] at L = 2^12 .. 2^16;
-- modal:   the same decoder with each long convolution stepped by `ModalRecurrence`, built from
-           `recognise_modal` on the decoder's own mixers: cost per token after prompts up to 2^16.
+- modal:   the decoder as it builds itself: it recognises stripedhyena's filters as modal
+           (Re sum r p^t) and steps them by `ModalRecurrence`: cost per token after prompts up to
+           2^16 (the tiling above is the same decoder with modal_recurrence=False).
 Correctness first: each decoder's outputs vs the full forward (relative error, in the JSON).
 Tokens are fed from a fixed random sequence (no sampling, no host syncs inside timed loops).
 Writes benchmarks/results/thirdparty_<device>.json (or under $OUT when set).
@@ -171,57 +172,23 @@ def part_prefill(args, L):
     return res
 
 
-def _decoder(model, cfg, args):
-    """The lcsm decoder at max_len, and the modal filters of its long convolutions (recognised on
-    the mixers its own capture verified and folded)."""
+def _fresh_time(model, L):
+    """stripedhyena cuts its time vector to the length of its last call: a decoder built after
+    calls would fold its filters only that far."""
+    for f in model.modules():
+        if "t" in getattr(f, "_buffers", {}):
+            f.t = torch.arange(L, device=DEV)[None, None]
+
+
+def _decoder(model, cfg, args, **options):
+    """The lcsm decoder at max_len (modal recurrences where it recognises them, unless
+    options turn them off), and the seconds its build took."""
     import lcsm_compile
-    from lcsm_compile.backend import report_listeners
-    from lcsm_compile.passes.modal import recognise_modal
 
-    mixers = []
-    listen = lambda rep, cg: mixers.extend(mx for mx in rep.accepted if mx.kind == "fft")  # noqa: E731
-    report_listeners.append(listen)
+    _fresh_time(model, args.max_len)
     t0 = time.perf_counter()
-    try:
-        dec = lcsm_compile.decoder(model, tokens(cfg, 16), max_len=args.max_len, inner_backend=args.inner)
-    finally:
-        report_listeners.remove(listen)
-    build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    modal = []
-    for mx in mixers:
-        f, why = recognise_modal(mx)
-        modal.append((mx.h, f, why))
-    recognise_s = time.perf_counter() - t0
-    del mixers
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
-    return dec, modal, build_s, recognise_s
-
-
-def _use_modal(dec, modal):
-    """Swap the decoder's online engines for ModalRecurrences (until it picks them itself)."""
-    from lcsm_compile.kernels.modal import ModalRecurrence
-    import lcsm_compile.kernels.online_conv.graphs as graphs
-
-    prog = dec.program
-    engines, where = [], {}
-    for c in dec.plan.long_convs:
-        h, f, why = min(modal, key=lambda m: float((m[0] - c.filter).abs().max()))
-        if f is None:
-            raise RuntimeError(f"long conv {c.index} is not modal: {why}")
-        eng = ModalRecurrence(f.poles, f.residues, f.skip, c.batch, dtype=c.dtype, device=DEV,
-                              max_len=dec.max_len, filters=c.filter[None])
-        engines.append(eng)
-        where[c.index] = (eng, 0)
-    prog.engines, prog.where = engines, where
-    dec._graphs = None
-    # StepGraphs saves the engines' state around its warm-up through OnlineConv's scratch_position;
-    # a ModalRecurrence has its own.
-    original = graphs.scratch_position
-    graphs.scratch_position = lambda eng: (eng.scratch_position() if isinstance(eng, ModalRecurrence)
-                                           else original(eng))
+    dec = lcsm_compile.decoder(model, tokens(cfg, 16), max_len=args.max_len, inner_backend=args.inner, **options)
+    return dec, time.perf_counter() - t0
 
 
 def _check_decoder(dec, model, cfg, P, n):
@@ -287,9 +254,8 @@ def _modal_step_time(eng, n=2000):
 def part_decoders(args):
     model, cfg = build(args)
     res = {"inner_backend": args.inner}
-    dec, modal, res["build_s"], res["recognise_s"] = _decoder(model, cfg, args)
-    res["modal"] = [{"state_size": f.state_size, "error": f.error, "allowed": f.allowed} if f else {"why": why}
-                    for _, f, why in modal]
+    # The tiling, forced (modal_recurrence=False), then the decoder as it chooses.
+    dec, res["build_s"] = _decoder(model, cfg, args, modal_recurrence=False)
     res["cuda_graphs"] = dec._use_graphs
     res["tiling_rel_err"] = _check_decoder(dec, model, cfg, 64, 64)
     log(f"decoder built in {res['build_s']:.1f} s, tiling rel err {res['tiling_rel_err']:.1e}")
@@ -303,8 +269,14 @@ def part_decoders(args):
                      for c, s in secs.items()}
     for c, v in res["tiling"].items():
         log(f"ours (tiling) {P0}..{c}: {v['ms_per_token']:.4f} ms/token")
-    dec.reset()
-    _use_modal(dec, modal)
+    del dec
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    dec, res["build_modal_s"] = _decoder(model, cfg, args)
+    res["modal"] = [{"strategy": c.strategy.name, "reason": c.strategy.reason} for c in dec.plan.long_convs]
+    if not all(c.strategy.name == "modal" for c in dec.plan.long_convs):
+        raise RuntimeError(f"the decoder did not pick the modal recurrence: {res['modal']}")
     res["modal_rel_err"] = _check_decoder(dec, model, cfg, 64, 64)
     log(f"modal rel err {res['modal_rel_err']:.1e}")
     res["modal_step_ms"] = _modal_step_time(dec.program.engines[0])
@@ -331,9 +303,7 @@ def part_floor(model, cfg, args):
     import lcsm_compile
 
     L = min(args.max_len, 1024)
-    for f in model.modules():
-        if "t" in getattr(f, "_buffers", {}):
-            f.t = torch.arange(L, device=DEV)[None, None]  # stripedhyena cut it to its last call
+    _fresh_time(model, L)
     dec = lcsm_compile.decoder(model, tokens(cfg, 16), max_len=L, inner_backend=args.inner, engine="floor")
     ids = tokens(cfg, L, seed=5)
     n = min(args.modal_tokens, L - 64 - 8)
