@@ -76,3 +76,39 @@ def test_floor_and_lazy_programs_share_the_segments():
     floor.prefill([x[:, :10]], 10)
     out = graphs.replay([x[:, 10:11]])[0]
     assert out.shape == (1, 1, model.vocab_size) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["modal-only", "modal+tiling"])
+def test_cuda_graphs_with_modal_recurrences(monkeypatch, mixed):
+    """H3's S4D convs step by ModalRecurrence under CUDA graphs; with one of them forced onto the
+    tiling, the token graphs take their levels from the tiled engine and replay both."""
+    import lcsm_compile.passes.incrementalize as incrementalize
+    from lcsm_compile.kernels import OnlineConv
+    from lcsm_compile.kernels.modal import ModalRecurrence
+    from lcsm_compile.passes.modal import Strategy
+
+    if mixed:
+        real, seen = incrementalize.choose_strategy, []
+
+        def second_tiled(mixer, settings):
+            seen.append(mixer)
+            s = real(mixer, settings)
+            return Strategy("long", "forced by the test") if len(seen) == 2 else s
+
+        monkeypatch.setattr(incrementalize, "choose_strategy", second_tiled)
+    model = _model("h3_lm")
+    x = ZOO["h3_lm"].make_inputs(model, 2, 300, torch.Generator().manual_seed(1))[0].to(DEV)
+    with torch.no_grad():
+        ref = model(x)
+    dec = lcsm_compile.decoder(model, x[:, :21], max_len=300, inner_backend="eager")
+    kinds = sorted(type(e).__name__ for e in dec.program.engines)
+    assert kinds == (["ModalRecurrence", "OnlineConv"] if mixed else ["ModalRecurrence"])
+    assert dec._use_graphs
+    for P in (1, 64):
+        outs = [dec.prefill(x[:, :P])] + [dec.step(x[:, t : t + 1]) for t in range(P, 300)]
+        assert dec._graphs is not None
+        tiled = [e for e in dec.program.engines if isinstance(e, OnlineConv)]
+        assert list(dec._graphs.graphs) == ([-1, *range(tiled[0].n_levels)] if mixed else [None])
+        err = _rel_per_position(torch.cat(outs, 1), ref[:, P - 1 :])
+        assert err <= 1e-4, f"mixed={mixed} P={P}: {err:.2e}"
+    assert any(isinstance(e, ModalRecurrence) for e in dec.program.engines)
