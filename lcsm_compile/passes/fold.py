@@ -18,6 +18,7 @@ cached probe values are dropped. Modal recognition re-evaluates the subgraph whe
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ from torch import fx
 from ..settings import Settings
 from .capture import CapturedGraph, sym_expr
 from .match import Rejection
-from .verify import Mixer, concrete_shape, to_canonical
+from .verify import Mixer, concrete_shape, impulse_response, to_canonical
 
 __all__ = ["DEFAULT_FOLD_LENGTH", "fold", "model_max_len", "prefix_allowance", "prefix_error"]
 
@@ -83,15 +84,10 @@ def prefix_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 
 
 def _impulse(mx: Mixer, consts: dict, shape: list[int], dtype, device) -> torch.Tensor:
-    """f(delta_0) - f(0) at this shape, with the filter values given (canonical (C, L))."""
-    c = mx.fn.apply(torch.zeros(shape, dtype=dtype, device=device), consts)
-    d = torch.zeros(shape, dtype=dtype, device=device)
-    d.select(mx.axis, 0).fill_(1)
-    h = mx.fn.apply(d, consts)
-    del d
+    """verify's impulse response at this shape, with the filter values given (canonical (C, L))."""
+    h, _ = impulse_response(functools.partial(mx.fn.apply, constants=consts), shape, mx.axis, dtype, device)
     if tuple(h.shape) != tuple(shape):
         raise ValueError(f"output shape {tuple(h.shape)} differs from the input's {tuple(shape)}")
-    h = h - c
     return to_canonical(h, mx.axis, mx.bcast_dims, mx.chan_dims)[0]
 
 

@@ -219,12 +219,8 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     # The offset (bias) must not vary along time.
     if _rel(c, c.narrow(axis, 0, 1).expand_as(c)) > tol and c.double().norm() > tol * scale:
         raise VerifyError("its offset f(0) varies with position")
-    # Causality: an impulse at the last step must not show up earlier.
-    if L > 1:
-        last, _ = impulse_response(fn, shape, axis, dtype, device, at=L - 1)
-        leak = last.narrow(axis, 0, L - 1).double().norm()
-        if leak > tol * max(float(scale), float(last.double().norm())):
-            raise VerifyError("non-causal: reads future positions")
+    if _leaks(fn, shape, axis, dtype, device, float(scale), tol):
+        raise VerifyError("non-causal: reads future positions")
     # Which dims index channels and which the filter ignores (batch).
     others = [d for d in range(len(shape)) if d != axis]
     bcast = tuple(d for d in others if d == 0 and _rel(h_full, h_full.narrow(d, 0, 1).expand_as(h_full)) <= tol)
@@ -240,9 +236,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     # Random probes: the whole region against the convolution it claims to be.
     for _ in range(2 if probes else 0):
         u = rand(shape)
-        got = fn(u) - c
-        want = from_canonical(causal_conv_reference(to_canonical(u, axis, bcast, chan), h), shape, axis, bcast, chan)
-        err = _rel(got, want)
+        got, err = _probe_error(fn, u, c, h, axis, bcast, chan)
         if err > tol:
             if _rel(fn(2 * u) - c, 2 * got) > tol:
                 raise VerifyError("not linear in its input (a data-dependent filter or a nonlinearity)")
@@ -255,6 +249,23 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     mixer = Mixer(region, fn, axis, bcast, chan, h, bias, L)
     _check_lengths(cg, mixer, shape, dtype, device, tol, probes)
     return mixer
+
+
+def _leaks(fn, shape, axis, dtype, device, scale: float, tol: float) -> bool:
+    """Causality: whether an impulse at the last step shows up earlier."""
+    L = shape[axis]
+    if L < 2:
+        return False
+    last, _ = impulse_response(fn, shape, axis, dtype, device, at=L - 1)
+    leak = float(last.narrow(axis, 0, L - 1).double().norm())
+    return leak > tol * max(scale, float(last.double().norm()))
+
+
+def _probe_error(fn, u: Tensor, c: Tensor, h: Tensor, axis, bcast, chan) -> tuple[Tensor, float]:
+    """f(u) - c, and its relative error against the causal convolution of u with h."""
+    got = fn(u) - c
+    want = from_canonical(causal_conv_reference(to_canonical(u, axis, bcast, chan), h), u.shape, axis, bcast, chan)
+    return got, _rel(got, want)
 
 
 def _length_admitted(size, L2: int) -> bool:
@@ -327,32 +338,21 @@ def _check_lengths(cg, mixer: Mixer, shape, dtype, device, tol, probes: bool = T
 def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: bool) -> None:
     """The region at length L2: causal; with `full`, its filter a prefix-extension of (or a prefix
     of) the one at the capture length, and a random probe equal to the causal convolution."""
-    axis, bcast, chan = mixer.axis, mixer.bcast_dims, mixer.chan_dims
+    axis, bcast, chan, fn = mixer.axis, mixer.bcast_dims, mixer.chan_dims, mixer.fn
     L = shape[axis]
     shp = list(shape)
     shp[axis] = L2
     shp = tuple(shp)
-
-    def probe(at: int | None = None, u: Tensor | None = None) -> Tensor:
-        if u is None:
-            u = torch.zeros(shp, dtype=dtype, device=device)
-            if at is not None:
-                u.select(axis, at).fill_(1)
-        return mixer.fn(u)
-
     try:
-        c2 = probe()
-        h2_full = probe(0) - c2
-        last = probe(L2 - 1) - c2 if L2 > 1 else None
+        h2_full, c2 = impulse_response(fn, shp, axis, dtype, device)
+        if tuple(h2_full.shape) != shp:
+            return  # nor would the model: its output there is not one value per position
+        if _leaks(fn, shp, axis, dtype, device, float(h2_full.double().norm().clamp_min(1e-30)), tol):
+            raise VerifyError(f"non-causal at L={L2}: reads future positions")
+    except VerifyError:
+        raise
     except Exception:  # noqa: BLE001 - the model may not run past its own max_len
         return
-    if tuple(h2_full.shape) != shp:
-        return  # nor would the model: its output there is not one value per position
-    scale = float(h2_full.double().norm().clamp_min(1e-30))
-    if last is not None:
-        leak = float(last.narrow(axis, 0, L2 - 1).double().norm())
-        if leak > tol * max(scale, float(last.double().norm())):
-            raise VerifyError(f"non-causal at L={L2}: reads future positions")
     if not full:
         return
     h2 = to_canonical(h2_full, axis, bcast, chan)[0]
@@ -361,9 +361,7 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
         raise VerifyError("filter depends on total length (not prefix-consistent across lengths)")
     g = torch.Generator(device="cpu").manual_seed(4321 + L2)
     u = torch.randn(shp, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-    got = probe(u=u) - c2
-    want = from_canonical(causal_conv_reference(to_canonical(u, axis, bcast, chan), h2), shp, axis, bcast, chan)
-    err = _rel(got, want)
+    _, err = _probe_error(fn, u, c2, h2, axis, bcast, chan)
     if err > tol:
         raise VerifyError(f"does not match a causal convolution at L={L2} (relative error {err:.2e})")
 
