@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 # eager: importing the package registers torch.ops.lcsm.causal_conv, which the passes emit and
@@ -21,8 +19,8 @@ __version__ = "0.1.0"
 # the rest load on first use: they import aot_autograd, torch.onnx, ... (seconds), which
 # `lcsm-compile --help` and its usage errors do not need (the console script imports this package)
 _LAZY = {
-    "ExplainReport": ".explain",
-    "explain": ".explain",
+    "ExplainReport": ".explain_report",
+    "explain": ".explain_report",
     "counters": ".passes.pipeline",
     "Settings": ".settings",
     "decoder": ".runtime.decoder",
@@ -33,7 +31,7 @@ _LAZY = {
 _SUBMODULES = ("backend", "export", "kernels", "passes", "runtime", "settings")
 
 if TYPE_CHECKING:
-    from .explain import ExplainReport, explain
+    from .explain_report import ExplainReport, explain
     from .export.onnx_export import export_onnx
     from .passes.pipeline import counters
     from .runtime.decoder import decoder
@@ -54,19 +52,6 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
-
-class _Package(types.ModuleType):
-    """Keeps `lcsm_compile.explain` the function. The import system binds a submodule on its package
-    when it first loads, and the submodule `explain` may now load after this package (it used to load
-    inside it, before `explain` was rebound to the function)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "explain" and isinstance(value, types.ModuleType):
-            value = value.explain
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "ExplainReport",

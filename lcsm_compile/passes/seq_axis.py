@@ -25,7 +25,6 @@ the verifier tries every candidate axis of a region: its numbers decide.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import fx
 
