@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import lcsm_compile
-from lcsm_compile.backend import capture_aten, report_listeners
-from lcsm_compile.passes.capture import describe_inputs
+from lcsm_compile.backend import report_listeners
 from lcsm_compile.passes.seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, seq_axis
 from lcsm_compile.zoo import ZOO
+from graph_capture import capture
 
 aten = torch.ops.aten
 EAGER = {"inner_backend": "eager"}
@@ -22,20 +22,6 @@ EAGER = {"inner_backend": "eager"}
 
 def _rel(a, b):
     return ((a - b).double().norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def _capture(model, *inputs, dynamic=False):
-    box = []
-
-    def backend(gm, example_inputs):
-        aten_gm = capture_aten(gm, example_inputs)
-        box.append(describe_inputs(gm, example_inputs, aten_gm, seq_dim=1))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=dynamic)(*inputs)
-    (cg,) = box
-    return cg
 
 
 def _compile_static(model, *inputs):
@@ -98,7 +84,7 @@ class PlainAttrHyena(nn.Module):
 def test_plain_tensor_attributes_and_globals_are_static():
     model = PlainAttrHyena().eval()
     x = torch.randn(2, 40, 8)
-    cg = _capture(model, x)
+    cg = capture(model, x)
     roles = {inp.source: inp for inp in cg.inputs}
     seq = [s for s, i in roles.items() if i.role == "sequence"]
     assert seq == ["L['x']"], {s: i.role for s, i in roles.items()}
@@ -132,7 +118,7 @@ class _Args(nn.Module):
 
 def test_call_arguments_are_sequence_inputs():
     x = torch.randn(2, 10, 4)
-    cg = _capture(_Args(), x, (torch.randn(2, 10, 4),), _Batch(torch.randn(2, 10, 4)))
+    cg = capture(_Args(), x, (torch.randn(2, 10, 4),), _Batch(torch.randn(2, 10, 4)))
     roles = {inp.source: inp.role for inp in cg.inputs}
     assert roles == {"L['x']": "sequence", "L['pair'][0]": "sequence", "L['batch'].x": "sequence",
                      "L['self'].table": "static", "L['self'].tables[0]": "static"}, roles
@@ -183,7 +169,7 @@ class _Block(nn.Module):
 
 
 def test_static_time_axis_follows_ops_not_sizes():
-    cg = _capture(_Block(), torch.randn(2, 16, 16))  # L == D == 16, static
+    cg = capture(_Block(), torch.randn(2, 16, 16))  # L == D == 16, static
     assert not cg.symbolic
     seq_axis(cg)
 
@@ -221,7 +207,7 @@ def test_merged_batch_time_views_split_back():
             y = (x.reshape(B * L, D) * 2).reshape(B, L, D)
             return y.permute(1, 0, 2).reshape(L, B * D).cumsum(0)
 
-    cg = _capture(Views(), torch.randn(4, 4, 4))  # B == L == D
+    cg = capture(Views(), torch.randn(4, 4, 4))  # B == L == D
     seq_axis(cg)
     shaping = (aten.view.default, aten._unsafe_view.default, aten.permute.default)
     got = [(tuple(n.meta["val"].shape), n.meta["lcsm_time"]) for n in cg.gm.graph.nodes if n.target in shaping]

@@ -8,8 +8,6 @@ import torch
 from torch import nn
 
 import lcsm_compile
-from lcsm_compile.backend import capture_aten
-from lcsm_compile.passes.capture import describe_inputs
 from lcsm_compile.passes.fold import fold, prefix_allowance, prefix_error
 from lcsm_compile.passes.match import match
 from lcsm_compile.passes.modal import recognise_modal
@@ -18,31 +16,14 @@ from lcsm_compile.passes.seq_axis import seq_axis
 from lcsm_compile.passes.verify import concrete_shape, verify
 from lcsm_compile.settings import Settings
 from lcsm_compile.zoo.hyena import HyenaLM
+from graph_capture import capture
 
 aten = torch.ops.aten
 
 
-def capture(model, *inputs, dynamic=True):
-    box = []
-
-    def backend(gm, example_inputs):
-        aten_gm = capture_aten(gm, example_inputs)
-        box.append(describe_inputs(gm, example_inputs, aten_gm, seq_dim=1))
-        return gm.forward
-
-    torch._dynamo.reset()  # one graph per model, also for two instances of one class in a test
-    inputs = [x.clone() for x in inputs]
-    if dynamic:
-        torch._dynamo.mark_dynamic(inputs[0], 1)
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(*inputs)
-    (cg,) = box
-    return cg
-
-
 def verified(model, x, settings=None):
     settings = settings or Settings()
-    cg = capture(model, x)
+    cg = capture(model, x, dynamic=True)
     seq_axis(cg)
     proposals, _ = match(cg)
     mixers, rejections = verify(cg, proposals, settings)

@@ -4,33 +4,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcsm_compile.backend import capture_aten
-from lcsm_compile.passes.capture import describe_inputs
 from lcsm_compile.passes.fold import fold, model_max_len
 from lcsm_compile.passes.match import match
 from lcsm_compile.passes.rewrite import rewrite
-from lcsm_compile.passes.seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, seq_axis
+from lcsm_compile.passes.seq_axis import MIXING, POINTWISE, POSITIONAL, seq_axis
 from lcsm_compile.passes.verify import VerifyError, verify, verify_region
 from lcsm_compile.settings import Settings
+from graph_capture import capture
 
 aten = torch.ops.aten
-
-
-def capture(model, *inputs, dynamic=False):
-    box = []
-
-    def backend(gm, example_inputs):
-        aten_gm = capture_aten(gm, example_inputs)
-        box.append(describe_inputs(gm, example_inputs, aten_gm, seq_dim=1))
-        return gm.forward
-
-    inputs = [x.clone() for x in inputs]
-    if dynamic:
-        torch._dynamo.mark_dynamic(inputs[0], 1)
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(*inputs)
-    (cg,) = box
-    return cg
 
 
 class FFTMixer(nn.Module):
