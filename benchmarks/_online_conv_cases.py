@@ -19,23 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcsm_compile.kernels import OnlineConv  # noqa: E402
 from lcsm_compile.kernels.online_conv.schedule import level_at, level_frequencies  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
+from _common import CUDA, DEV, log, rel, sync  # noqa: E402, F401 - online_conv.py imports log from here
+
 SDT = torch.bfloat16 if CUDA else torch.float32  # bf16 is wrong in the Triton interpreter
 BACKEND = "triton"  # the engine's GPU path; on CPU (--smoke) the same kernels, interpreted
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def filters_for(M, D, L, seed=0):

@@ -46,19 +46,11 @@ from lcsm_compile.runtime.lazy import LazyConv  # noqa: E402
 from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
 from lcsm_compile.zoo import HyenaLM, hyena_153m, hyena_tiny  # noqa: E402
 
-CUDA = torch.cuda.is_available()
+from _common import CUDA, log, sync  # noqa: E402
+
 DEV = torch.device("cuda" if CUDA else "cpu")
 P = 64  # prompt length of every generation
 W_TOKENS = 2048  # tokens of the real timed run (--tokens)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def timed(fn, reps=1):

@@ -44,23 +44,10 @@ sys.path.insert(0, str(ROOT / "tests" / "thirdparty"))
 
 import torch  # noqa: E402
 
-CUDA = torch.cuda.is_available()
+from _common import CUDA, DEV, log, rel, sync  # noqa: E402
+
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-DEV = "cuda" if CUDA else "cpu"
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def config(args):

@@ -100,10 +100,13 @@ def script_summary(name: str):
         return None
     spec = importlib.util.spec_from_file_location(f"_lcsm_bench_{name}", BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH_DIR))  # its helper modules (_common, _online_conv_cases) sit beside it
     try:
         spec.loader.exec_module(module)
     except Exception:  # noqa: BLE001  (fall back to the generic tables)
         return None
+    finally:
+        sys.path.remove(str(BENCH_DIR))
     return module.summary
 
 
