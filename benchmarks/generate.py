@@ -171,12 +171,10 @@ def eager_total(costs: dict, L: int) -> float:
 @torch.no_grad()
 def level_costs(dec: Decoder, reps: int) -> dict:
     """Seconds per token by tile level: each level's token graph replayed at the scratch position."""
-    from lcsm_compile.kernels.online_conv.graphs import scratch_position
-
     graphs, prog = dec._graphs, dec.program
     with ExitStack() as stack:
         for eng in graphs.engines:
-            stack.enter_context(scratch_position(eng))
+            stack.enter_context(eng.scratch_position())
         scratch = [eng.pos.clone() for eng in graphs.engines]
         saved = {k: r.clone() for k, r in prog.rings.items()}
         t_s = max(prog.max_len - 2, 0)

@@ -46,6 +46,7 @@ from .length_eval import (
 from .modal import Strategy, choose_strategy
 from .region import describe_node
 from .seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, mixing_reason, seq_axis
+from .rewrite import mixer_of
 from .step_plan import CAUSAL_CONV, ConvSite, IncrementalizeError, Segment, StepPlan
 from .verify import filter_extent
 
@@ -191,8 +192,7 @@ def _decode_strategy(cg: CapturedGraph, node: fx.Node, i: int, mixers: list | No
     if mixers is not None:
         mixer = mixers[i] if i < len(mixers) else None
     else:
-        index, known = node.meta.get("lcsm_mixer"), cg.facts.get("mixers", [])
-        mixer = known[index] if index is not None and index < len(known) else None
+        mixer = mixer_of(cg, node)
     if mixer is None:
         return Strategy("long", "no verified mixer recorded for this convolution: tiling")
     strategy = choose_strategy(mixer, settings)

@@ -16,7 +16,7 @@ from torch import fx
 from ..settings import Settings
 from .capture import CapturedGraph
 from .fold import fold
-from .match import Rejection, match
+from .match import match
 from .modal import Strategy, choose_strategy
 from .region import backward_slice, describe_node
 from .rewrite import rewrite

@@ -90,6 +90,12 @@ def _replace(cg: CapturedGraph, b: _Builder, mx: Mixer, index: int) -> None:
     y.replace_all_uses_with(out)
 
 
+def mixer_of(cg: CapturedGraph, node: fx.Node) -> Mixer | None:
+    """The verified mixer a `causal_conv` node was rewritten from (None for other nodes)."""
+    index, known = node.meta.get("lcsm_mixer"), cg.facts.get("mixers", [])
+    return known[index] if index is not None and index < len(known) else None
+
+
 def rewrite(cg: CapturedGraph, mixers: list[Mixer]) -> Counter:
     """Replace every mixer region; returns how many rewrites of each kind fired."""
     counts: Counter = Counter()

@@ -9,7 +9,7 @@ it from its own counter (OnlineConv.tile_level): one replay per token, no sync, 
 
 Capture happens on the first step after a prefill (the engines must hold a prompt). Warm-up runs
 every graph's work twice at the scratch position max_len - 2 (kernel compiles, cuFFT plans), each
-time from that position again; the engines undo what they wrote there (graphs.scratch_position),
+time from that position again; the engines undo what they wrote there (their scratch_position),
 and the program's rings and `t` are saved and restored around it.
 """
 from __future__ import annotations
@@ -27,8 +27,6 @@ __all__ = ["StepGraphs"]
 
 class StepGraphs:
     def __init__(self, program: StepProgram):
-        from ..kernels.online_conv.graphs import scratch_position  # noqa: PLC0415
-
         self.program = p = program
         plan, dev = p.plan, p.device
         self.engines = p.engines
@@ -44,8 +42,7 @@ class StepGraphs:
         t_scratch = max(p.max_len - 2, 0)
         with ExitStack() as stack:
             for eng in self.engines:
-                own = getattr(eng, "scratch_position", None)  # a ModalRecurrence saves its own state
-                stack.enter_context(own() if own is not None else scratch_position(eng))
+                stack.enter_context(eng.scratch_position())
             scratch = [eng.pos.clone() for eng in self.engines]
             saved_t, saved_rings = p.t.clone(), {k: r.clone() for k, r in p.rings.items()}
 

@@ -28,6 +28,7 @@ from ..backend import lcsm_backend, report_listeners
 from ..passes.incrementalize import CAUSAL_CONV, IncrementalizeError, StepPlan, _filter_of, incrementalize
 from ..passes.modal import Strategy
 from ..passes.pipeline import counters
+from ..passes.rewrite import mixer_of
 from ..settings import Settings
 from .lazy import LazyConv
 from .step_program import StepProgram
@@ -91,6 +92,10 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+class StepMismatch(IncrementalizeError):
+    """The step program runs but its outputs differ from the model's (the decoder's self-check)."""
+
+
 class Decoder:
     def __init__(self, model: torch.nn.Module, example_inputs: tuple, max_len: int, settings: Settings,
                  engine: str = "online"):
@@ -119,7 +124,7 @@ class Decoder:
             self._check_model(model, args, L)
         except IncrementalizeError as err:
             modal = [c for c in self.plan.long_convs if c.strategy is not None and c.strategy.name == "modal"]
-            if not modal or "disagrees with the model" not in str(err):
+            if not modal or not isinstance(err, StepMismatch):
                 raise
             # The recurrence was confirmed on the filter alone; the model check is the last word.
             why = f"modal recurrence disagreed with the model ({err.problems[0][1]}): tiling"
@@ -154,8 +159,7 @@ class Decoder:
             report_full, cg_full = capture(model, full, settings, False, self.time_args)
             convs = [n for n in cg_full.gm.graph.nodes if n.target is CAUSAL_CONV]
             filters = [_filter_of(cg_full, n.args[1]) for n in convs]
-            known = cg_full.facts.get("mixers", [])
-            mixers = [known[n.meta["lcsm_mixer"]] if n.meta.get("lcsm_mixer") is not None else None for n in convs]
+            mixers = [mixer_of(cg_full, n) for n in convs]
             report = dataclasses.replace(report, unsupported=report.unsupported + report_full.unsupported)
         self._seq_arg = []
         for inp in cg.inputs:
@@ -211,7 +215,7 @@ class Decoder:
                 err = _rel(got, want.narrow(d, t, 1))
                 if not err <= tol:
                     self.reset()
-                    raise IncrementalizeError([("step program", f"disagrees with the model at position {t}: "
+                    raise StepMismatch([("step program", f"disagrees with the model at position {t}: "
                                                 f"relative error {err:.2e} > {tol:.0e}")])
         self.reset()
 

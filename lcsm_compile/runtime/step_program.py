@@ -28,6 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..passes.incrementalize import (
     CAUSAL_CONV, IncrementalizeError, Segment, StepPlan, ancestors, evaluate, input_env, shape_at,
 )
+from ..passes.fold import prefix_allowance
 from ..passes.region import describe_node
 
 __all__ = ["StepProgram"]
@@ -41,10 +42,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rounding_close(a: Tensor, b: Tensor) -> bool:
     """Equal up to the rounding of computing them at two lengths (a GPU's matmuls round
-    differently by shape): relative L2 error <= 2048 eps of the dtype, as fold's prefix check."""
+    differently by shape): relative L2 error within fold's prefix allowance for the dtype."""
     if not a.is_floating_point() or not bool(torch.isfinite(b).all()):
         return False
-    tol = min(2048 * torch.finfo(a.dtype).eps, 3e-2)
+    tol = prefix_allowance(a.dtype)
     a64, b64 = a.double(), b.double()
     return float((a64 - b64).norm()) <= tol * max(float(a64.norm()), 1e-30)
 

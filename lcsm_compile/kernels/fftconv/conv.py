@@ -8,7 +8,6 @@ the filter's spectrum computed once (`spectrum.py`).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 

@@ -44,7 +44,6 @@ an advance before every mixer stepped, a prefill after decoding started).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
@@ -115,6 +114,13 @@ class OnlineConv:
         self._prefilled = [False] * self.M
         self._stepped: set[int] = set()
         self.pos.zero_()
+
+    def scratch_position(self):
+        """Context: device work inside runs at position max_len - 2 and is undone on exit (graph
+        warm-ups and captures); ModalRecurrence has the same method."""
+        from .graphs import scratch_position  # noqa: PLC0415 - graphs imports this module
+
+        return scratch_position(self)
 
     def memory_elements(self) -> dict:
         """Elements of decode state and spectra (a complex value counts 2), beyond the filters."""
