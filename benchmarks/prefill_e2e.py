@@ -66,9 +66,14 @@ def main() -> None:
             row["lcsm_vs_inductor"] = row["inductor_ms"] / row["lcsm_ms"]
             rows.append(row)
             print("row", row, flush=True)
-    device = torch.cuda.get_device_name()
+            save(args, rows)  # each row as it comes: a run cut short keeps what it measured
+    plot_and_table(args, save(args, rows), list(runners))
+
+
+def save(args, rows: list) -> dict:
     import triton  # noqa: PLC0415
 
+    device = torch.cuda.get_device_name()
     result = {
         "benchmark": "prefill_e2e",
         "model": "hyena_153m (18 x 864, filter order 64)",
@@ -78,17 +83,23 @@ def main() -> None:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        "batch": args.batch,
         "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = device.split()[1].lower() if len(device.split()) > 1 else "gpu"
+    result["tag"] = tag = (device.split()[1].lower() if len(device.split()) > 1 else "gpu") + f"_b{args.batch}"
     (out / f"prefill_e2e_{tag}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def plot_and_table(args, result: dict, runners: list) -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    rows, device = result["rows"], result["device"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in runners:
         ax.loglog([r["L"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)
@@ -98,8 +109,8 @@ def main() -> None:
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / f"prefill_e2e_{tag}.png", dpi=120)
-    print(f"\n{device} | torch {torch.__version__} | triton {triton.__version__} | {result['date']} | {args.dtype} B={args.batch}")
+    fig.savefig(Path(args.out) / f"prefill_e2e_{result['tag']}.png", dpi=120)
+    print(f"\n{device} | torch {result['torch']} | triton {result['triton']} | {result['date']} | {args.dtype} B={args.batch}")
     print(f"{'L':>7} {'eager ms':>9} {'inductor':>9} {'lcsm':>9} {'vs eager':>9} {'vs ind':>7} {'err lcsm':>9} {'rewrites':>8}")
     for r in rows:
         print(

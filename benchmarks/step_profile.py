@@ -1,0 +1,146 @@
+"""Where one decode step's time goes: the kernels of a token of the Hyena 153M decoder.
+
+    python benchmarks/step_profile.py [--batch 1] [--max-len 4096] [--sine-freq 1]
+    python benchmarks/step_profile.py --smoke     # CPU, tiny Hyena: exercises the script only
+
+Profiles (torch.profiler, CUDA activity) a number of replays of the decoder's token graph at
+tile level -1 (no tile due) and of the position-wise floor (the same step program with the long
+mixers removed), and prints, for each, the kernels grouped by name: calls per token, µs per token,
+share. The wall time per replay (CUDA events) is printed beside the sum of kernel time, so the gap
+between kernels shows too. Writes benchmarks/results/step_profile_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lcsm_compile  # noqa: E402
+from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
+
+from _common import CUDA, DEV, log, sync  # noqa: E402
+from generate import make_model, options  # noqa: E402
+
+P = 64
+
+
+def kernel_table(prof, replays: int) -> list[dict]:
+    """Device kernels grouped by name, per token."""
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0)
+        if not dev_us or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        rows.append({"kernel": ev.key[:90], "calls_per_token": ev.count / replays, "us_per_token": dev_us / replays})
+    rows.sort(key=lambda r: -r["us_per_token"])
+    return rows
+
+
+def wall_us(fn, reps: int) -> float:
+    fn()
+    sync()
+    if not CUDA:
+        import time  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e6
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+def profile(name: str, fn, reps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile  # noqa: PLC0415
+
+    wall = wall_us(fn, reps)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    rows = kernel_table(prof, reps)
+    total = sum(r["us_per_token"] for r in rows)
+    log(f"\n== {name}: wall {wall:.1f} us/token, kernels {total:.1f} us/token, "
+        f"{sum(r['calls_per_token'] for r in rows):.0f} kernels/token ==")
+    log(f"{'us/tok':>8} {'share':>6} {'calls':>6}  kernel")
+    for r in rows[:25]:
+        log(f"{r['us_per_token']:8.1f} {r['us_per_token'] / max(total, 1e-9):6.1%} {r['calls_per_token']:6.1f}  "
+            f"{r['kernel']}")
+    return {"wall_us_per_token": wall, "kernel_us_per_token": total, "kernels": rows}
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--sine-freq", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    model = make_model(args.smoke, args.sine_freq)
+    ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
+    dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **options(args.smoke))
+    log(f"built {dec}")
+    out = dec.prefill(ids)
+    tok = out[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):  # the first step after a prefill captures the graphs
+        tok = dec.step(tok)[:, -1].argmax(-1, keepdim=True)
+    report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
+              "max_len": args.max_len, "decoder": repr(dec), "profiles": {}}
+    try:
+        import triton  # noqa: PLC0415
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        pass
+    x = [tok]
+    if dec._graphs is not None:
+        g, prog = dec._graphs.graphs[dec._graphs.levels[0]], dec.program
+
+        def ours():  # tile level -1 (or the recurrences' only graph) at a fixed position
+            prog.t.fill_(P + 3)
+            g.replay()
+    else:
+        def ours():
+            dec.program.run_segments(x)
+    report["profiles"]["ours_token"] = profile("ours: one token, no tile due", ours, args.reps)
+    floor = StepProgram(dec.plan, torch.device(DEV), floor=True, like=dec.program)
+    report["profiles"]["floor_eager"] = profile("floor, segments launched one by one",
+                                                lambda: floor.run_segments(x), args.reps)
+    if CUDA:
+        from lcsm_compile.runtime.cuda_graphs import StepGraphs  # noqa: PLC0415
+
+        fg = StepGraphs(floor).graphs[None]
+
+        def floor_graph():
+            floor.t.zero_()
+            fg.replay()
+
+        report["profiles"]["floor_graph"] = profile("floor, one CUDA graph", floor_graph, args.reps)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
+    (out_dir / f"step_profile_{slug}_b{args.batch}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
