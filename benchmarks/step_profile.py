@@ -94,10 +94,12 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--sine-freq", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--gemv-rows", type=int, default=None, help="decode_gemv_rows option (default: the setting's)")
     args = ap.parse_args()
     model = make_model(args.smoke, args.sine_freq)
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
-    dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **options(args.smoke))
+    opts = options(args.smoke) | ({} if args.gemv_rows is None else {"decode_gemv_rows": args.gemv_rows})
+    dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
     log(f"built {dec}")
     out = dec.prefill(ids)
     tok = out[:, -1].argmax(-1, keepdim=True)
@@ -105,7 +107,7 @@ def main() -> None:
         tok = dec.step(tok)[:, -1].argmax(-1, keepdim=True)
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
-              "max_len": args.max_len, "decoder": repr(dec), "profiles": {}}
+              "max_len": args.max_len, "decoder": repr(dec), "options": opts, "profiles": {}}
     try:
         import triton  # noqa: PLC0415
 
@@ -139,7 +141,8 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
-    (out_dir / f"step_profile_{slug}_b{args.batch}.json").write_text(json.dumps(report, indent=1))
+    gemv = "" if args.gemv_rows is None else f"_gemv{args.gemv_rows}"
+    (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

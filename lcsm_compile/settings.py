@@ -34,6 +34,9 @@ class Settings:
     modal_recurrence: bool = True
     # Replay decode steps under CUDA graphs on GPU.
     cuda_graphs: bool = True
+    # Decode steps (inductor, CUDA): matrix products with at most this many rows (the batch) become
+    # fused, tuned reductions instead of cuBLAS GEMV launches (passes/decode_gemv.py); 0: never.
+    decode_gemv_rows: int = 8
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -68,5 +71,7 @@ class Settings:
             raise bad("verify_rtol", "a float in (0, 1)")
         if not isinstance(self.short_conv_max, int) or self.short_conv_max < 1:
             raise bad("short_conv_max", "a positive int")
+        if not isinstance(self.decode_gemv_rows, int) or self.decode_gemv_rows < 0:
+            raise bad("decode_gemv_rows", "an int >= 0")
         if not isinstance(self.seq_dim, int):
             raise bad("seq_dim", "an int")

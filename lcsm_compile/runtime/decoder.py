@@ -138,7 +138,8 @@ class Decoder:
     def _build_program(self, like: StepProgram | None = None) -> None:
         compile = "inductor" if self.settings.inner_backend == "inductor" else "eager"
         self.program = StepProgram(self.plan, self.device, compile=compile, floor=self.engine == "floor",
-                                   engine_factory=ENGINES[self.engine], like=like)
+                                   engine_factory=ENGINES[self.engine], like=like,
+                                   gemv_rows=self.settings.decode_gemv_rows)
         self._graphs, self._prefilled = None, False
         self._use_graphs = (self.device.type == "cuda" and self.settings.cuda_graphs
                             and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))

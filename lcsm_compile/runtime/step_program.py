@@ -28,6 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..passes.incrementalize import (
     CAUSAL_CONV, IncrementalizeError, Segment, StepPlan, ancestors, evaluate, input_env, shape_at,
 )
+from ..passes.decode_gemv import compile_options, decompose_gemv
 from ..passes.fold import prefix_allowance
 from ..passes.region import describe_node
 
@@ -67,9 +68,12 @@ def _modal_engine(modal: list, filters: Tensor, batch: int, max_len: int, dtype:
 
 class StepProgram:
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
-                 engine_factory: Callable | None = None, like: "StepProgram | None" = None):
-        """`like`: another program of the same plan whose traced segments and constants to share."""
+                 engine_factory: Callable | None = None, like: "StepProgram | None" = None, gemv_rows: int = 0):
+        """`like`: another program of the same plan whose traced segments and constants to share.
+        `gemv_rows`: inductor-compiled matrix products with at most this many rows become fused
+        reductions on CUDA (passes/decode_gemv.py)."""
         self.plan, self.device, self.floor = plan, torch.device(device), floor
+        self.gemv_rows = gemv_rows if self.device.type == "cuda" else 0
         self.cg = plan.cg
         self.max_len = plan.max_len
         self.frontier = like.frontier if like is not None else self._precompute()
@@ -257,8 +261,12 @@ class StepProgram:
         with torch.no_grad():
             gm = make_fx(self._segment_fn(seg))(*examples)
             if compile == "inductor":
+                from torch._inductor import config as inductor_config  # noqa: PLC0415
                 from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
+                if decompose_gemv(gm, self.gemv_rows):
+                    with inductor_config.patch(compile_options()):
+                        return compile_fx(gm, examples)
                 return compile_fx(gm, examples)
         return gm
 
