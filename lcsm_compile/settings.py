@@ -36,7 +36,8 @@ class Settings:
     cuda_graphs: bool = True
     # Decode steps (inductor, CUDA): matrix products with at most this many rows (the batch) become
     # fused, tuned reductions instead of cuBLAS GEMV launches (passes/decode_gemv.py); 0: never.
-    decode_gemv_rows: int = 8
+    # H200, Hyena-153M fp32: 1 row 816 -> 662 us/token; 8 rows 1329 -> 1555 (worse), hence 1.
+    decode_gemv_rows: int = 1
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 

@@ -93,7 +93,15 @@ def choose(u: Tensor, h: Tensor, table: DispatchTable | None = None) -> Choice:
     from .fftconv.plan import conv_size  # noqa: PLC0415
 
     B, D, L = u.shape
-    return (table or load_table()).choose(u.dtype, conv_size(L, h.shape[-1]), B * D)
+    n = conv_size(L, h.shape[-1])
+    return table.choose(u.dtype, n, B * D) if table is not None else _choose_default(u.dtype, n, B * D)
+
+
+@lru_cache(maxsize=4096)
+def _choose_default(dtype: torch.dtype, n: int, rows: int) -> Choice:
+    # Every prefill call asks: the table scan and plan check cost ~0.1 ms of host time each,
+    # which at short L is a large part of a forward's 18 convolutions. The table is fixed.
+    return load_table().choose(dtype, n, rows)
 
 
 def causal_conv_cuda(u: Tensor, h: Tensor, impl: str = "auto") -> Tensor:
