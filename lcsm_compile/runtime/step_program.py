@@ -30,6 +30,7 @@ from ..passes.incrementalize import (
 )
 from ..passes.decode_gemv import compile_options, decompose_gemv
 from ..passes.fold import prefix_allowance
+from ..passes.pipeline import counters
 from ..passes.region import describe_node
 
 __all__ = ["StepProgram"]
@@ -264,7 +265,9 @@ class StepProgram:
                 from torch._inductor import config as inductor_config  # noqa: PLC0415
                 from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
-                if decompose_gemv(gm, self.gemv_rows):
+                n = decompose_gemv(gm, self.gemv_rows)
+                if n:
+                    counters["decode"]["gemv_reductions"] += n
                     with inductor_config.patch(compile_options()):
                         return compile_fx(gm, examples)
                 return compile_fx(gm, examples)

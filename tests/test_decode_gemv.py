@@ -1,0 +1,72 @@
+"""The decode segments' matrix products as reductions (passes/decode_gemv.py): the rewritten graph
+computes what the original did, only where it should, and the decoder applies it on CUDA only."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import lcsm_compile
+from lcsm_compile.passes.decode_gemv import decompose_gemv
+from lcsm_compile.settings import Settings
+from lcsm_compile.zoo import hyena_tiny
+
+aten = torch.ops.aten
+
+
+def _mlp(x, w1, b1, w2):
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2)  # an addmm and an mm
+
+
+def _graph(rows, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    args = [torch.randn(rows, 1, 37, generator=g), torch.randn(61, 37, generator=g) / 6,
+            torch.randn(61, generator=g), torch.randn(29, 61, generator=g) / 8]
+    args = [a.to(dtype) for a in args]
+    return make_fx(_mlp)(*args), args
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_products_become_reductions_with_the_same_values(rows, seed):
+    gm, args = _graph(rows, torch.float32, seed)
+    want = gm(*args)
+    assert decompose_gemv(gm, max_rows=4) == 2
+    assert aten.mm.default not in _targets(gm) and aten.addmm.default not in _targets(gm)
+    got = gm(*args)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() <= 1e-6
+
+
+def test_half_precision_products_accumulate_in_fp32():
+    gm, args = _graph(1, torch.float16, 2)
+    ref = _mlp(*[a.double() for a in args])
+    assert decompose_gemv(gm, max_rows=1) == 2
+    got = gm(*args)
+    assert got.dtype == torch.float16
+    assert ((got.double() - ref).norm() / ref.norm()).item() <= 2e-3
+
+
+def test_more_rows_than_allowed_or_scaled_products_are_left_alone():
+    gm, args = _graph(5, torch.float32, 3)
+    assert decompose_gemv(gm, max_rows=4) == 0
+    assert decompose_gemv(gm, max_rows=0) == 0
+    scaled = make_fx(lambda b, x, w: torch.addmm(b, x, w, beta=0.5))(
+        torch.randn(7), torch.randn(1, 5), torch.randn(5, 7))
+    assert decompose_gemv(scaled, max_rows=8) == 0
+    assert aten.addmm.default in _targets(scaled)
+
+
+def test_option_is_validated_and_cpu_decoders_keep_their_products():
+    with pytest.raises(ValueError, match="decode_gemv_rows"):
+        Settings.from_options({"decode_gemv_rows": -1})
+    model = hyena_tiny(max_len=64).eval()
+    ids = torch.randint(0, model.vocab_size, (1, 8))
+    dec = lcsm_compile.decoder(model, ids, max_len=64, inner_backend="eager", decode_gemv_rows=8)
+    assert dec.program.gemv_rows == 0  # CPU: cuBLAS-free GEMV reductions are a CUDA-only win
+    assert any(aten.addmm.default in _targets(fn) for fn in dec.program.fns)
