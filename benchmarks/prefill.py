@@ -1,6 +1,6 @@
 """Prefill benchmark (issue 7): Triton causal FFT conv vs the torch.fft path vs inductor.
 
-    python benchmarks/prefill.py --out benchmarks/results [--quick] [--no-inductor] [--e2e]
+    python benchmarks/prefill.py --out benchmarks/results [--quick] [--no-inductor]
     python benchmarks/prefill.py --plot benchmarks/results/prefill_h100.json   # PNG from a JSON
 
 The torch.fft path is stripedhyena / fla `fft_conv` (rfft of u and k at 2L, multiply, irfft,
@@ -12,7 +12,7 @@ Order: every Triton variant is compiled (in parallel processes), checked for cor
 fresh random inputs (odd B, poisoned output, vs fp64), then timed (triton.testing.do_bench:
 median, L2 flushed, warm-up excluded). Writes prefill_<device>.json, prefill_<device>.png and
 dispatch_table.json (the faster of triton / torch.fft per dtype, N, rows) and prints a table last.
-The end-to-end Hyena-153M hook is `e2e_hyena_153m` below (--e2e).
+The end-to-end Hyena-153M prefill (eager vs inductor vs lcsm) is benchmarks/prefill_e2e.py.
 """
 from __future__ import annotations
 
@@ -336,56 +336,6 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-# ---- END-TO-END HOOK: Hyena-153M prefill, eager vs inductor vs torch.compile(backend="lcsm") ----
-
-def e2e_hyena_153m(lengths=(2048, 8192), batch: int = 1) -> dict:
-    """Runs only if lcsm_compile.zoo has hyena_153m and the lcsm backend rewrites its convolutions
-    (checked on hyena_tiny: a compiled forward must call kernels.dispatch.causal_conv_cuda)."""
-    try:
-        from lcsm_compile import zoo
-        from lcsm_compile.backend import lcsm_backend  # the callable: no entry point install needed
-        import lcsm_compile.kernels.dispatch as dispatch
-    except Exception as e:  # noqa: BLE001
-        return {"skipped": f"import failed: {e!r}"}
-    if not hasattr(zoo, "hyena_153m"):
-        return {"skipped": "lcsm_compile.zoo has no hyena_153m"}
-    calls = [0]
-    orig = dispatch.causal_conv_cuda
-
-    def counting(u, h, impl="auto"):
-        calls[0] += 1
-        return orig(u, h, impl)
-
-    dispatch.causal_conv_cuda = counting
-    try:
-        tiny = zoo.hyena_tiny().cuda().eval()
-        ids = torch.randint(0, 64, (1, 256), device="cuda")
-        with torch.no_grad():
-            torch.compile(tiny, backend=lcsm_backend)(ids)
-    except Exception as e:  # noqa: BLE001
-        dispatch.causal_conv_cuda = orig
-        return {"skipped": f"lcsm backend failed on hyena_tiny: {e!r}"[:300]}
-    if calls[0] == 0:
-        dispatch.causal_conv_cuda = orig
-        return {"skipped": "the lcsm backend does not rewrite hyena_tiny's convolutions yet"}
-    dispatch.causal_conv_cuda = orig
-    out = {"batch": batch, "rows": []}
-    model = zoo.hyena_153m(max_len=max(lengths)).cuda().eval().to(torch.bfloat16)
-    runners = {"eager": model, "inductor": torch.compile(model), "lcsm": torch.compile(model, backend=lcsm_backend)}
-    with torch.no_grad():
-        for L in lengths:
-            ids = torch.randint(0, 50257, (batch, L), device="cuda")
-            row = {"L": L}
-            ref = model(ids).float()
-            for name, fn in runners.items():
-                y = fn(ids).float()
-                row[name + "_rel_err"] = ((y - ref).norm() / ref.norm()).item()
-                row[name + "_ms"] = bench_ms(lambda: fn(ids))
-            out["rows"].append(row)
-            print("e2e", row, flush=True)
-    return out
-
-
 def summary(results: dict) -> str:
     lines = [f"{results['device']} | torch {results['torch']} | triton {results['triton']} | {results['date']}",
              f"{'dtype':9s} {'B':>3s} {'L':>8s} {'triton':>9s} {'torch.fft':>9s} {'inductor':>9s} "
@@ -413,7 +363,6 @@ def main():
     ap.add_argument("--max-len", type=int, default=1 << 20)
     ap.add_argument("--quick", action="store_true", help="one variant per size")
     ap.add_argument("--no-inductor", dest="inductor", action="store_false")
-    ap.add_argument("--e2e", action="store_true", help="run the Hyena-153M end-to-end hook")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--partial", default=None, help="rewrite this JSON after every row")
     ap.add_argument("--plot", default=None, help="only draw the PNG of an existing results JSON")
@@ -437,11 +386,6 @@ def main():
         plot(res, jpath.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001
         print("plot failed:", repr(e))
-    if args.e2e:  # after the kernel results are safely written
-        print(summary(res), flush=True)
-        res["e2e_hyena_153m"] = e2e_hyena_153m()
-        jpath.write_text(json.dumps(res, indent=1))
-        print("e2e:", json.dumps(res["e2e_hyena_153m"]))
     print(summary(res))
 
 

@@ -103,24 +103,33 @@ def plot_and_table(args, result: dict, runners: list) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    rows, device = result["rows"], result["device"]
+    rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in runners:
         ax.loglog([r["L"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)
     ax.set_xlabel("sequence length L")
     ax.set_ylabel("prefill time (ms)")
-    ax.set_title(f"Hyena-153M prefill, B={args.batch}, {args.dtype}\n{device}, {result['date']}")
+    ax.set_title(f"Hyena-153M prefill, B={args.batch}, {args.dtype}\n{result['device']}, {result['date']}")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(Path(args.out) / f"prefill_e2e_{result['tag']}.png", dpi=120)
-    print(f"\n{device} | torch {result['torch']} | triton {result['triton']} | {result['date']} | {args.dtype} B={args.batch}")
-    print(f"{'L':>7} {'eager ms':>9} {'inductor':>9} {'lcsm':>9} {'vs eager':>9} {'vs ind':>7} {'err lcsm':>9} {'rewrites':>8}")
-    for r in rows:
-        print(
-            f"{r['L']:>7} {r['eager_ms']:>9.2f} {r['inductor_ms']:>9.2f} {r['lcsm_ms']:>9.2f} "
-            f"{r['lcsm_vs_eager']:>8.2f}x {r['lcsm_vs_inductor']:>6.2f}x {r['lcsm_rel_err']:>9.1e} {r['lcsm_rewrites']:>8}"
-        )
+    print("\n" + summary(result))
+
+
+def summary(result: dict) -> str:
+    """The table; also what `lcsm-compile bench --show prefill_e2e` prints."""
+    lines = [f"{result['device']} | torch {result['torch']} | triton {result['triton']} | {result['date']} | "
+             f"{result['dtype']} B={result.get('batch')}",
+             f"{'L':>7} {'eager ms':>9} {'inductor':>9} {'lcsm':>9} {'vs eager':>9} {'vs ind':>7} {'err lcsm':>9} "
+             f"{'rewrites':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['L']:>7} {r['eager_ms']:>9.2f} {r['inductor_ms']:>9.2f} {r['lcsm_ms']:>9.2f} "
+                     f"{r['lcsm_vs_eager']:>8.2f}x {r['lcsm_vs_inductor']:>6.2f}x {r['lcsm_rel_err']:>9.1e} "
+                     f"{r['lcsm_rewrites']:>8}")
+    if result.get("note"):
+        lines.append(f"note: {result['note']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,16 @@ def profile(name: str, fn, reps: int) -> dict:
     return {"wall_us_per_token": wall, "kernel_us_per_token": total, "kernels": rows}
 
 
+def summary(results: dict) -> str:
+    """What `lcsm-compile bench --show step_profile` prints: the top kernels of each profile."""
+    lines = [f"B={results['batch']} max_len={results['max_len']} options={results.get('options')}"]
+    for name, prof in results["profiles"].items():
+        lines.append(f"-- {name}: wall {prof['wall_us_per_token']:.1f} us/token, kernels "
+                     f"{prof['kernel_us_per_token']:.1f} us/token")
+        lines += [f"{r['us_per_token']:8.1f} {r['calls_per_token']:6.1f}  {r['kernel'][:70]}" for r in prof["kernels"][:8]]
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
