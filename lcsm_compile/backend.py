@@ -40,12 +40,17 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> Callable:
-    """Compile a dynamo graph with the configured inner backend (the unchanged fallback)."""
+def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
+                  mode: str | None = None) -> Callable:
+    """Compile a dynamo graph with the configured inner backend (the unchanged fallback).
+    torch.compile's `mode` applies to inductor as it would with backend="inductor"
+    ("reduce-overhead": CUDA graphs, "max-autotune": tuned GEMMs and CUDA graphs, ...)."""
     if settings.inner_backend == "inductor":
+        from torch._inductor import list_mode_options  # noqa: PLC0415
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
-        return compile_fx(gm, list(example_inputs))
+        patches = list_mode_options(mode) if mode not in (None, "default") else {}
+        return compile_fx(gm, list(example_inputs), config_patches=patches or None)
     if settings.inner_backend == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager  # noqa: PLC0415
 
@@ -89,7 +94,7 @@ def lcsm_backend(
         if settings.strict:
             raise LcsmCompileError(message)
         _warn_once(message)
-        return inner_compile(gm, example_inputs, settings)
+        return inner_compile(gm, example_inputs, settings, mode)
 
     try:
         aten_gm = capture_aten(gm, example_inputs)
@@ -103,7 +108,7 @@ def lcsm_backend(
         if settings.strict:
             raise LcsmCompileError(f"lcsm: cannot compile this graph: {e}") from e
         _warn_once(f"lcsm: graph left unchanged: {type(e).__name__}: {e}")
-        return inner_compile(gm, example_inputs, settings)
+        return inner_compile(gm, example_inputs, settings, mode)
     for listener in list(report_listeners):
         listener(report, cg)
     if report.unsupported:
@@ -112,14 +117,14 @@ def lcsm_backend(
             raise LcsmCompileError(message)
         _warn_once(message)
     if not report.rewrites:
-        return inner_compile(gm, example_inputs, settings)
+        return inner_compile(gm, example_inputs, settings, mode)
     if settings.decode:  # prefix-extension serving (runtime/serving.py); the plain graph as fallback
         from .runtime.serving import serve  # noqa: PLC0415 - the decode runtime loads on demand
 
-        return serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings))
+        return serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings, mode))
     # The rewritten ATen graph takes the same flat inputs as the dynamo graph; the inner compiler
     # treats it like any dynamo graph (inductor lifts the folded filters as constants).
-    return inner_compile(cg.gm, example_inputs, settings)
+    return inner_compile(cg.gm, example_inputs, settings, mode)
 
 
 def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:

@@ -204,3 +204,41 @@ def test_verify_off_still_checks_causality():
     inputs = neg.make_inputs(model, 2, 63, torch.Generator().manual_seed(0))
     _, y, ref = _compile_run(model, inputs, options={**EAGER, "verify": False})
     assert _rewrites() == 0 and _rel(y, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("mode, want", [("max-autotune-no-cudagraphs", {"max_autotune": True}),
+                                        ("reduce-overhead", {"triton.cudagraphs": True}), (None, None)])
+def test_compile_mode_reaches_the_inner_inductor(monkeypatch, mode, want):
+    """torch.compile(..., mode=...) means for the non-mixer parts what it means for inductor."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = []
+
+    def fake_compile_fx(gm, inputs, config_patches=None, **kw):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    inputs = entry.make_inputs(model, 2, 40, torch.Generator().manual_seed(0))
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", mode=mode)  # torch.compile takes mode or options
+    with torch.no_grad():
+        y, ref = compiled(*inputs), model(*inputs)
+    assert _rewrites() > 0 and _rel(y, ref) <= 1e-5
+    assert seen and all((p or None) == want if want is None else want.items() <= p.items() for p in seen)
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_prefill_on_gpu():
+    entry = ZOO["hyena_lm"]
+    model = entry.build().cuda()
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", mode="reduce-overhead")
+    with torch.no_grad():
+        for seed in range(3):  # warm-up, record, replay
+            inputs = [x.cuda() for x in entry.make_inputs(model, 2, 300, torch.Generator().manual_seed(seed))]
+            y, ref = compiled(*inputs).clone(), model(*inputs)
+            assert _rel(y, ref) <= 1e-4
+    assert _rewrites() > 0
