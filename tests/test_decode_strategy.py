@@ -108,3 +108,26 @@ def test_fold_keeps_short_filters_at_their_taps():
         xl = entry.make_inputs(model, 1, L, torch.Generator().manual_seed(L))[0]
         with torch.no_grad():
             assert _rel(compiled(xl), model(xl)) <= 1e-5, L
+
+
+def test_static_length_compile_keeps_short_filters_at_their_taps():
+    """A first compile specialises L; its short filters too are stored at their taps (on CUDA a
+    filter of L columns would be sent to an FFT convolution instead of the direct one)."""
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    x = entry.make_inputs(model, 2, 90, torch.Generator().manual_seed(3))[0]
+    mixers = []
+    listen = lambda rep, cg: mixers.extend(rep.accepted)  # noqa: E731
+    report_listeners.append(listen)
+    try:
+        compiled = torch.compile(model, backend="lcsm", options=EAGER)
+        with torch.no_grad():
+            y, ref = compiled(x), model(x)
+    finally:
+        report_listeners.remove(listen)
+    short = [mx for mx in mixers if mx.filter_length <= 64]
+    long = [mx for mx in mixers if mx.filter_length > 64]
+    assert short and long
+    assert all(mx.h.shape[-1] == mx.filter_length == 3 and mx.length == 90 for mx in short)
+    assert all(mx.h.shape[-1] == 90 for mx in long)
+    assert _rel(y, ref) <= 1e-5

@@ -121,6 +121,7 @@ def fold(cg: CapturedGraph, mixers: list[Mixer], settings: Settings) -> tuple[li
         cg.facts["fold_length"] = cg.length
         for mx in mixers:
             mx.fn.forget()
+            _keep_taps(mx, settings)
         return mixers, rejected
     limits = [m for m in (model_max_len(cg, mx) for mx in mixers) if m]
     length = settings.max_len or (min(limits) if limits else max(cg.length, DEFAULT_FOLD_LENGTH))
@@ -148,10 +149,16 @@ def fold(cg: CapturedGraph, mixers: list[Mixer], settings: Settings) -> tuple[li
                 f"explains {allowed:.1e})"))
             continue
         mx.h, mx.length = h.contiguous(), length
-        K = mx.filter_length
-        if K <= settings.short_conv_max < length:
-            # A short filter padded to max_len is mostly zeros (Hyena-153M's 2592 x 3 taps at 2^17:
-            # 1.4 GB per layer); causal_conv takes K < L, and mx.length still bounds L.
-            mx.h = mx.h[:, :K].clone()
+        _keep_taps(mx, settings)
         kept.append(mx)
     return kept, rejected
+
+
+def _keep_taps(mx: Mixer, settings: Settings) -> None:
+    """A short filter keeps only its taps. Padded to the length it is mostly zeros (Hyena-153M's
+    2592 x 3 taps at 2^17: 1.4 GB per layer), and on CUDA a filter of L columns would be routed
+    to an FFT convolution instead of the direct one; causal_conv takes K < L, and mx.length still
+    bounds L."""
+    K = mx.filter_length
+    if K <= settings.short_conv_max < mx.h.shape[-1]:
+        mx.h = mx.h[:, :K].clone()
