@@ -41,10 +41,12 @@ def _warn_once(message: str) -> None:
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
-                  mode: str | None = None) -> Callable:
+                  mode: str | None = None, aten: bool = False) -> Callable:
     """Compile a dynamo graph with the configured inner backend (the unchanged fallback).
     torch.compile's `mode` applies to inductor as it would with backend="inductor"
-    ("reduce-overhead": CUDA graphs, "max-autotune": tuned GEMMs and CUDA graphs, ...)."""
+    ("reduce-overhead": CUDA graphs, "max-autotune": tuned GEMMs and CUDA graphs, ...).
+    `aten`: gm is the captured ATen graph, which holds autocast's casts already; run eagerly, it
+    must not be autocast a second time (aot_autograd's own runtime does the same)."""
     if settings.inner_backend == "inductor":
         from torch._inductor import list_mode_options  # noqa: PLC0415
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
@@ -55,7 +57,17 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
         from torch._dynamo.backends.debugging import aot_eager  # noqa: PLC0415
 
         return aot_eager(gm, list(example_inputs))
+    if aten and _autocast_on():
+        def run(*args):
+            with torch._C._DisableAutocast():
+                return gm.forward(*args)
+
+        return run
     return gm.forward
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _dynamo_control_flow(e: BaseException) -> bool:
@@ -97,9 +109,11 @@ def lcsm_backend(
         return inner_compile(gm, example_inputs, settings, mode)
 
     try:
-        aten_gm = capture_aten(gm, example_inputs)
+        aten_gm = capture_aten(gm, example_inputs)  # under the caller's autocast: it bakes in the casts
         # aot_autograd calls compilers inside its fake mode; the verifier's probes are real tensors.
-        with unset_fake_temporarily():
+        # The passes evaluate that graph as written, and their reference convolutions in full
+        # precision: autocast off (left on, it would cast the graph's ops and our conv1d again).
+        with unset_fake_temporarily(), torch._C._DisableAutocast():
             cg = describe_inputs(gm, example_inputs, aten_gm, settings.seq_dim)
             report = run_pipeline(cg, settings)
     except Exception as e:
@@ -121,10 +135,10 @@ def lcsm_backend(
     if settings.decode:  # prefix-extension serving (runtime/serving.py); the plain graph as fallback
         from .runtime.serving import serve  # noqa: PLC0415 - the decode runtime loads on demand
 
-        return serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings, mode))
+        return serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings, mode, aten=True))
     # The rewritten ATen graph takes the same flat inputs as the dynamo graph; the inner compiler
     # treats it like any dynamo graph (inductor lifts the folded filters as constants).
-    return inner_compile(cg.gm, example_inputs, settings, mode)
+    return inner_compile(cg.gm, example_inputs, settings, mode, aten=True)
 
 
 def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:

@@ -56,8 +56,10 @@ def _u_candidates(x: fx.Node, through_views: bool) -> list[fx.Node]:
     while x.op == "call_function" and x.target in allowed and len(_seq_inputs(x)) == 1:
         x = _seq_inputs(x)[0]
         out.append(x)
-    # A padded value is never the region's input: the pad belongs to the convolution.
-    out = [n for n in out if n.target not in _PADS]
+    # A padded value (or a cast of one: autocast casts conv1d's padded input to bf16) is never
+    # the region's input: the pad belongs to the convolution.
+    pads = [i for i, n in enumerate(out) if n.target in _PADS]
+    out = out[pads[-1] + 1:] if pads else out
     # Through views (einsum's permute/reshape), prefer the value in the model's own layout.
     return out[::-1] if through_views else out
 

@@ -146,6 +146,18 @@ class RegionFunction:
         }
         self._free_dynamic = self._last_uses(self.dynamic, dynamic - {region.y})
 
+    def compute_dtype(self) -> torch.dtype:
+        """The least precise floating dtype among the region's values. Under autocast an fp32
+        region computes in bf16 inside (casts before its matmuls and FFT inputs): its results
+        carry bf16 round-off, and the verifier's and the fold's tolerances must allow for it."""
+        least = None
+        for node in [self.region.u, *self.nodes]:
+            val = node.meta.get("val") if isinstance(node, fx.Node) else None
+            if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and not val.dtype.is_complex:
+                if least is None or torch.finfo(val.dtype).eps > torch.finfo(least).eps:
+                    least = val.dtype
+        return least or torch.float32
+
     def _inputs(self, node: fx.Node) -> list[fx.Node]:
         _, args, kwargs = self._calls[node]
         found: list[fx.Node] = []

@@ -171,7 +171,7 @@ def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixe
     dtype, device = uval.dtype, _device(cg)
     if not dtype.is_floating_point:
         raise VerifyError(f"its input is {dtype}, not a floating-point signal")
-    tol = settings.verify_rtol if dtype in (torch.float32, torch.float64) else 3e-2
+    tol = settings.verify_rtol if fn.compute_dtype() in (torch.float32, torch.float64) else 3e-2
     axes = _axis_candidates(cg, uval, shape)
     # Dims seq_axis tracked as time first: when L equals another size (L == D), the reason
     # reported for a rejected region is then the one for its real time axis.

@@ -1,0 +1,57 @@
+"""Models run under bf16 autocast (how half-precision Hyena is run: fp32 weights, bf16 matmuls).
+
+Autocast puts bf16 casts inside a region whose input and output are fp32, so the region is a
+causal convolution up to bf16 round-off: the verifier and the fold must judge it at bf16's
+tolerance (RegionFunction.compute_dtype), or every long convolution stays unrewritten.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lcsm_compile
+from lcsm_compile.zoo import negative, positive
+
+EAGER = {"inner_backend": "eager"}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run(model, inputs):
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", options=EAGER)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return compiled(*inputs), model(*inputs)
+
+
+@pytest.mark.parametrize("L", [63, 200])
+@pytest.mark.parametrize("entry", positive(), ids=lambda e: e.name)
+def test_autocast_rewrites_every_mixer_within_bf16_round_off(entry, L):
+    model = entry.build()
+    inputs = entry.make_inputs(model, 2, L, torch.Generator().manual_seed(L))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: every mixer is rewritten
+        y, ref = _run(model, inputs)
+    assert sum(lcsm_compile.counters["rewrite"].values()) == entry.expected_convs
+    with torch.no_grad():
+        exact = model(*inputs).double()
+    # As close to the fp32 model as eager autocast itself is (the rewrite computes the
+    # convolution in fp32), and within bf16 round-off of eager autocast.
+    assert _rel(y, exact) <= 1.2 * _rel(ref, exact) + 2e-3, (_rel(y, exact), _rel(ref, exact))
+    assert _rel(y, ref) <= 3e-2
+
+
+@pytest.mark.parametrize("entry", negative(), ids=lambda e: e.name)
+def test_autocast_negatives_stay_unrewritten(entry):
+    model = entry.build()
+    inputs = entry.make_inputs(model, 2, 100, torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, ref = _run(model, inputs)
+    assert sum(lcsm_compile.counters["rewrite"].values()) == 0
+    assert torch.equal(y, ref) or _rel(y, ref) <= 1e-6
