@@ -55,3 +55,22 @@ def test_autocast_negatives_stay_unrewritten(entry):
         y, ref = _run(model, inputs)
     assert sum(lcsm_compile.counters["rewrite"].values()) == 0
     assert torch.equal(y, ref) or _rel(y, ref) <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["hyena_lm", "long_conv"])
+def test_cuda_autocast_with_inductor(name):
+    from lcsm_compile.zoo import ZOO
+
+    entry = ZOO[name]
+    model = entry.build().cuda()
+    inputs = [x.cuda() for x in entry.make_inputs(model, 2, 300, torch.Generator().manual_seed(0))]
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm")
+    with torch.no_grad():
+        exact = model(*inputs).double()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, ref = compiled(*inputs), model(*inputs)
+    assert sum(lcsm_compile.counters["rewrite"].values()) == entry.expected_convs
+    assert _rel(y, exact) <= 1.2 * _rel(ref, exact) + 2e-3, (_rel(y, exact), _rel(ref, exact))
+    assert _rel(y, ref) <= 3e-2
