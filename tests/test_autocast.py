@@ -74,3 +74,19 @@ def test_cuda_autocast_with_inductor(name):
     assert sum(lcsm_compile.counters["rewrite"].values()) == entry.expected_convs
     assert _rel(y, exact) <= 1.2 * _rel(ref, exact) + 2e-3, (_rel(y, exact), _rel(ref, exact))
     assert _rel(y, ref) <= 3e-2
+
+
+def test_decoder_refuses_autocast_at_build_and_ignores_it_when_stepping():
+    from lcsm_compile.zoo import hyena_tiny
+
+    model = hyena_tiny(max_len=128).eval()
+    ids = torch.randint(0, model.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="outside torch.autocast"):
+        lcsm_compile.decoder(model, ids[:, :5], max_len=128, inner_backend="eager")
+    dec = lcsm_compile.decoder(model, ids[:, :5], max_len=128, inner_backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the decoder follows the fp32 model regardless
+        out = [dec.prefill(ids[:, :5])] + [dec.step(ids[:, t : t + 1]) for t in range(5, 30)]
+    with torch.no_grad():
+        ref = model(ids)
+    y = torch.cat(out, 1)
+    assert y.dtype == torch.float32 and _rel(y, ref[:, 4:]) <= 1e-5

@@ -103,6 +103,9 @@ class Decoder:
             raise ValueError(f"lcsm decoder: max_len must be a positive int, got {max_len!r}")
         if engine not in ENGINES:
             raise ValueError(f"lcsm decoder: engine must be one of {tuple(ENGINES)}, got {engine!r}")
+        if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+            raise RuntimeError("lcsm decoder: build it outside torch.autocast; it runs the model in the dtypes of "
+                               "its weights and inputs (cast the model to bf16/fp16 for a half-precision decoder)")
         self.max_len, self.settings, self.engine = max_len, settings, engine
         args = list(example_inputs)
         d = self.dim = settings.seq_dim
@@ -277,7 +280,8 @@ class Decoder:
     def prefill(self, *inputs):
         """Outputs at the last prompt position; the state now holds the prompt."""
         P = self._check(inputs, step=False)
-        outs = self.program.prefill(self._seq(inputs), P)
+        with torch._C._DisableAutocast():  # the state follows the model as built, whatever the caller's autocast
+            outs = self.program.prefill(self._seq(inputs), P)
         self._prefilled = True
         counters["decode"]["prefill_positions"] += P
         return self._structure([o.narrow(d, P - 1, 1).clone() if d is not None else o
@@ -296,6 +300,10 @@ class Decoder:
             raise RuntimeError(f"lcsm decoder: position {self.position} is past max_len={self.max_len}; "
                                "build the decoder with a larger max_len")
         counters["decode"]["step_positions"] += 1
+        with torch._C._DisableAutocast():
+            return self._step_unchecked(inputs)
+
+    def _step_unchecked(self, inputs) -> list:
         if self._use_graphs:
             if self._graphs is None:
                 from .cuda_graphs import StepGraphs  # noqa: PLC0415
