@@ -50,6 +50,13 @@ from lcsm_compile.zoo import HyenaLM, hyena_153m, hyena_tiny  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 W_TOKENS = 2048  # tokens of the real timed run (--tokens)
+AUTOCAST = False  # --autocast: the model under bf16 autocast (eager, and the decoder built under it)
+
+
+def amp():
+    """The caller's autocast for what runs the model itself; the step programs (ours, lazy,
+    floor) hold the casts already and must run without it."""
+    return torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=AUTOCAST)
 
 
 def timed(fn, reps=1):
@@ -101,13 +108,15 @@ def options(smoke: bool) -> dict:
 def check(model, dec: Decoder, B: int, steps: int, greedy: int) -> dict:
     g = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randint(0, model.vocab_size, (B, P + steps), generator=g, device=DEV)
-    ref = model(x)
+    with amp():
+        ref = model(x)
     outs = [dec.prefill(x[:, :P])] + [dec.step(x[:, t : t + 1]) for t in range(P, P + steps)]
     err = rel_per_position(torch.cat(outs, 1), ref[:, P - 1 :])
     ids = x[:, :P]
     eager = ids
     for _ in range(greedy):
-        eager = torch.cat([eager, model(eager)[:, -1].argmax(-1, keepdim=True)], 1)
+        with amp():
+            eager = torch.cat([eager, model(eager)[:, -1].argmax(-1, keepdim=True)], 1)
     ours = greedy_run(dec, ids, greedy)
     same = int((ours == eager).all(1).sum())
     dec.reset()
@@ -137,7 +146,8 @@ def eager_costs(model, B, L, smoke) -> dict:
         n = 1 << k
         x = torch.randint(0, model.vocab_size, (B, n), device=DEV)
         try:
-            costs[n] = timed(lambda: model(x), reps=3 if n <= 4096 else 1)
+            with amp():
+                costs[n] = timed(lambda: model(x), reps=3 if n <= 4096 else 1)
         except torch.OutOfMemoryError:
             log(f"    eager forward at n={n}: out of memory; stopping here")
             break
@@ -244,7 +254,8 @@ def run_config(model, B, L, smoke, report, save):
     save()
     t0 = time.perf_counter()
     ids = torch.randint(0, model.vocab_size, (B, P), device=DEV)
-    dec = lcsm_compile.decoder(model, ids, max_len=L, **options(smoke))
+    with amp():
+        dec = lcsm_compile.decoder(model, ids, max_len=L, **options(smoke))
     sync()
     res["build_s"] = time.perf_counter() - t0
     res["decoder"] = repr(dec)
@@ -301,6 +312,7 @@ def main():
     ap.add_argument("--configs", default=None, help="B:log2L,... (default 1:17,8:15)")
     ap.add_argument("--sine-freq", type=float, default=14.0, help="implicit filter sine frequency w (zoo: 14)")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of the real timed greedy run")
+    ap.add_argument("--autocast", action="store_true", help="the model under bf16 autocast (weights cast once)")
     ap.add_argument("--rescore", metavar="JSON", help="recompute a saved run's table and plot from its measured costs")
     args = ap.parse_args()
     if args.rescore:
@@ -311,19 +323,19 @@ def main():
 
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "model": "zoo.hyena_tiny" if args.smoke else f"zoo.hyena_153m architecture (18 x 864, fp32), w={args.sine_freq}",
+              "model": "zoo.hyena_tiny" if args.smoke else f"zoo.hyena_153m architecture (18 x 864, fp32{' under bf16 autocast' if args.autocast else ''}), w={args.sine_freq}",
               "prompt": P,
               "smoke": args.smoke, "configs": [], "errors": []}
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
     slug = "h100" if "h100" in slug else slug
-    path = out_dir / f"generate_{slug}.json"
+    path = out_dir / f"generate_{slug}{'_autocast' if args.autocast else ''}.json"
     save = lambda: path.write_text(json.dumps(report, indent=1, default=str))  # noqa: E731
     log(f"generate benchmark on {report['device']}, torch {report['torch']}, triton {report['triton']}")
     spec = args.configs or ("1:8,2:7" if args.smoke else "1:17,8:15")
     configs = [(int(b), 1 << int(k)) for b, k in (c.split(":") for c in spec.split(","))]
     model = make_model(args.smoke, args.sine_freq)
-    global W_TOKENS
-    W_TOKENS = args.tokens
+    global W_TOKENS, AUTOCAST
+    W_TOKENS, AUTOCAST = args.tokens, args.autocast
     queue = list(configs)
     while queue:
         B, L = queue.pop(0)
