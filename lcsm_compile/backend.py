@@ -23,7 +23,7 @@ from .passes.capture import describe_inputs
 from .passes.pipeline import CompileReport, run_pipeline
 from .settings import Settings
 
-__all__ = ["lcsm_backend", "inner_compile", "report_listeners", "LcsmCompileError"]
+__all__ = ["lcsm_backend", "inner_compile", "autocast_enabled", "report_listeners", "LcsmCompileError"]
 
 # explain() and the decoder subscribe here to see each graph's report.
 report_listeners: list[Callable[[CompileReport, Any], None]] = []
@@ -57,7 +57,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
         from torch._dynamo.backends.debugging import aot_eager  # noqa: PLC0415
 
         return aot_eager(gm, list(example_inputs))
-    if aten and _autocast_on():
+    if aten and autocast_enabled():
         def run(*args):
             with torch._C._DisableAutocast():
                 return gm.forward(*args)
@@ -66,7 +66,8 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
     return gm.forward
 
 
-def _autocast_on() -> bool:
+def autocast_enabled() -> bool:
+    """Whether the caller runs under torch.autocast (CPU or CUDA)."""
     return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 

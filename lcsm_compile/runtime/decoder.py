@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ..backend import lcsm_backend, report_listeners
+from ..backend import autocast_enabled, lcsm_backend, report_listeners
 from ..passes.incrementalize import CAUSAL_CONV, IncrementalizeError, StepPlan, _filter_of, incrementalize
 from ..passes.modal import Strategy
 from ..passes.pipeline import counters
@@ -106,7 +106,7 @@ class Decoder:
         # Built under torch.autocast, the decoder follows the model under that autocast: the capture
         # bakes its casts into the graph (weights cast once, as constants), and everything after
         # the capture runs with autocast off so that nothing is cast twice.
-        self.autocast = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+        self.autocast = autocast_enabled()
         self.max_len, self.settings, self.engine = max_len, settings, engine
         args = list(example_inputs)
         d = self.dim = settings.seq_dim
