@@ -112,3 +112,17 @@ def test_decoder_matches_full_forward(B):
         for P in (1, 17, 64):
             got = _decode(dec, ids, P)
             assert _rel(got, want[:, P - 1 :]) <= 1e-5, (strategy, P)
+
+
+def test_compiled_prefill_under_bf16_autocast():
+    """How StripedHyena runs in half precision: every mixer is still rewritten."""
+    model = stripedhyena_tiny()
+    ids = _ids(2, 100, seed=5)
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", options=EAGER)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        got, _ = compiled(ids)
+        want, _ = model(ids)
+    assert sum(lcsm_compile.counters["rewrite"].values()) == 4  # 2 blocks: short conv + long conv each
+    assert _rel(got, want) <= 3e-2
