@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py              # GPU
     python benchmarks/generate.py --smoke      # CPU, tiny Hyena: exercises the script only
+    python benchmarks/generate.py --autocast   # the model under bf16 autocast (bf16 weights, cast once)
 
 Four ways to produce token t+1 from tokens 0..t, per config (B, L):
 - eager recompute: the model's full forward over the whole prefix for every token (what HF

@@ -67,6 +67,12 @@ def main() -> None:
                     y = fn(ids)
                 row[f"{name}_rel_err"] = rel(y, ref)
             row["lcsm_rewrites"] = sum(lcsm_compile.counters["rewrite"].values())
+            # Every layer's long and short convolution: fewer means lcsm fell back somewhere, and the
+            # row would time a partly rewritten model (as on 2026-12-01, under autocast).
+            row["lcsm_expected_rewrites"] = expected = 2 * len(model.layers)
+            if row["lcsm_rewrites"] < expected and row["lcsm_rewrites"] != 0:  # 0: the graph was reused
+                print(f"WARNING: lcsm rewrote {row['lcsm_rewrites']} of {expected} convolutions at L={L}", flush=True)
+                row["incomplete_rewrite"] = True
             for name, fn in runners.items():
                 row[f"{name}_ms"] = bench_ms(lambda fn=fn: fn(ids))
             row["lcsm_vs_eager"] = row["eager_ms"] / row["lcsm_ms"]
