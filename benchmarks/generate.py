@@ -55,8 +55,8 @@ AUTOCAST = False  # --autocast: the model under bf16 autocast (eager, and the de
 
 
 def amp():
-    """The caller's autocast for what runs the model itself; the step programs (ours, lazy,
-    floor) hold the casts already and must run without it."""
+    """The caller's autocast for what runs the model itself (eager, and the decoder's capture);
+    the step programs hold the captured casts and switch autocast off themselves."""
     return torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=AUTOCAST)
 
 

@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from ..passes.incrementalize import shape_at
-from .step_program import StepProgram
+from .step_program import StepProgram, as_captured
 
 __all__ = ["StepGraphs"]
 
 
 class StepGraphs:
+    @as_captured  # the tiles are captured too, not only run_segments
     def __init__(self, program: StepProgram):
         self.program = p = program
         plan, dev = p.plan, p.device

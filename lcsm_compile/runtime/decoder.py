@@ -105,7 +105,8 @@ class Decoder:
             raise ValueError(f"lcsm decoder: engine must be one of {tuple(ENGINES)}, got {engine!r}")
         # Built under torch.autocast, the decoder follows the model under that autocast: the capture
         # bakes its casts into the graph (weights cast once, as constants), and everything after
-        # the capture runs with autocast off so that nothing is cast twice.
+        # the capture runs with autocast off (incrementalize here, StepProgram itself) so that
+        # nothing is cast twice.
         self.autocast = autocast_enabled()
         self.max_len, self.settings, self.engine = max_len, settings, engine
         args = list(example_inputs)
@@ -123,8 +124,7 @@ class Decoder:
                       else x for j, x in enumerate(args)]
         self.device = x0.device
         self.plan = self._plan(model, args, settings)
-        with torch._C._DisableAutocast():
-            self._build_program()
+        self._build_program()
         try:
             self._check_model(model, args, L)
         except IncrementalizeError as err:
@@ -136,8 +136,7 @@ class Decoder:
             warnings.warn(f"lcsm decoder: {why}", stacklevel=3)
             for c in modal:
                 c.strategy = Strategy("long", why)
-            with torch._C._DisableAutocast():
-                self._build_program(like=self.program)
+            self._build_program(like=self.program)
             self._check_model(model, args, L)
         counters["decode"]["decoders"] += 1
 
@@ -193,8 +192,7 @@ class Decoder:
         full = _at_length(args, self.time_args, V, self.dim)
         with torch.no_grad():
             ref = model(*full)  # under the caller's autocast, if any: the model the decoder follows
-            with torch._C._DisableAutocast():
-                graph_out = self.program.forward(self._seq(full), V)
+            graph_out = self.program.forward(self._seq(full), V)
         # The graph computes convolutions in fp32 where eager autocast rounds to bf16.
         match_tol = 3e-2 if self.autocast else 1e-3
         leaves, self._spec = pytree.tree_flatten(ref)
@@ -287,8 +285,7 @@ class Decoder:
     def prefill(self, *inputs):
         """Outputs at the last prompt position; the state now holds the prompt."""
         P = self._check(inputs, step=False)
-        with torch._C._DisableAutocast():  # the graph holds the build's autocast casts: never cast twice
-            outs = self.program.prefill(self._seq(inputs), P)
+        outs = self.program.prefill(self._seq(inputs), P)
         self._prefilled = True
         counters["decode"]["prefill_positions"] += P
         return self._structure([o.narrow(d, P - 1, 1).clone() if d is not None else o
@@ -307,10 +304,6 @@ class Decoder:
             raise RuntimeError(f"lcsm decoder: position {self.position} is past max_len={self.max_len}; "
                                "build the decoder with a larger max_len")
         counters["decode"]["step_positions"] += 1
-        with torch._C._DisableAutocast():
-            return self._step_unchecked(inputs)
-
-    def _step_unchecked(self, inputs) -> list:
         if self._use_graphs:
             if self._graphs is None:
                 from .cuda_graphs import StepGraphs  # noqa: PLC0415

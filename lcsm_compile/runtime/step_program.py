@@ -18,6 +18,7 @@ input (so identical layers trace to identical graphs and inductor's cache compil
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -33,7 +34,7 @@ from ..passes.fold import prefix_allowance
 from ..passes.pipeline import counters
 from ..passes.region import describe_node
 
-__all__ = ["StepProgram"]
+__all__ = ["StepProgram", "as_captured"]
 
 aten = torch.ops.aten
 
@@ -67,7 +68,19 @@ def _modal_engine(modal: list, filters: Tensor, batch: int, max_len: int, dtype:
                            dtype=dtype, device=device, max_len=max_len, filters=filters)
 
 
+def as_captured(method: Callable) -> Callable:
+    """The plan's graph holds the casts of any autocast it was captured under: evaluated, traced or
+    stepped under a caller's autocast it would be cast twice. Every entry point runs without it."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch._C._DisableAutocast():
+            return method(*args, **kwargs)
+
+    return run
+
+
 class StepProgram:
+    @as_captured
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
                  engine_factory: Callable | None = None, like: "StepProgram | None" = None, gemv_rows: int = 0):
         """`like`: another program of the same plan whose traced segments and constants to share.
@@ -282,6 +295,7 @@ class StepProgram:
         self.t.zero_()
         self.position, self.prompt_len = 0, None
 
+    @as_captured
     def prefill(self, seq_values: list[Tensor], P: int) -> list:
         """The graph's outputs at all P positions; the decode state now holds the prompt."""
         self.reset()
@@ -306,6 +320,7 @@ class StepProgram:
         self.position = self.prompt_len = P
         return [env[o] if isinstance(o, fx.Node) else o for o in plan.outputs]
 
+    @as_captured
     def forward(self, seq_values: list[Tensor], n: int) -> list:
         """The full graph at length n with plain causal convolutions (no state): the compiled
         prefill's outputs, for matching and checking."""
@@ -319,6 +334,7 @@ class StepProgram:
             env = evaluate(cg, list(cg.gm.graph.nodes), input_env(cg, seq_values, n), n, conv)
         return [env[o] if isinstance(o, fx.Node) else o for o in plan.outputs]
 
+    @as_captured
     def run_segments(self, seq_values: list[Tensor]) -> dict[int, Tensor]:
         """One position's device work before the tiles (capturable): returns {output index: value}."""
         values, outs = {}, {}
@@ -364,6 +380,7 @@ class StepProgram:
                 result.append(o)
         return result
 
+    @as_captured
     def step(self, seq_values: list[Tensor]) -> list:
         """The outputs at the current position (eagerly: no CUDA graphs)."""
         with torch.no_grad():
