@@ -40,7 +40,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import CUDA, log, sync  # noqa: E402
+from _common import CUDA, log, sync, timed  # noqa: E402
 from _generate_report import P, ours_total, plot, rescore, summarize, table  # noqa: E402
 
 import lcsm_compile  # noqa: E402
@@ -58,24 +58,6 @@ def amp():
     """The caller's autocast for what runs the model itself (eager, and the decoder's capture);
     the step programs hold the captured casts and switch autocast off themselves."""
     return torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=AUTOCAST)
-
-
-def timed(fn, reps=1):
-    """Seconds per call (CUDA events on GPU)."""
-    fn()
-    sync()
-    if CUDA:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def rel_per_position(got, want):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lcsm_compile  # noqa: E402
 from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
 
-from _common import CUDA, DEV, log, sync  # noqa: E402
+from _common import CUDA, DEV, log, sync, timed  # noqa: E402
 from generate import make_model, options  # noqa: E402
 
 P = 64
@@ -47,29 +47,10 @@ def kernel_table(prof, replays: int) -> list[dict]:
     return rows
 
 
-def wall_us(fn, reps: int) -> float:
-    fn()
-    sync()
-    if not CUDA:
-        import time  # noqa: PLC0415
-
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e6
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
-
-
 def profile(name: str, fn, reps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile  # noqa: PLC0415
 
-    wall = wall_us(fn, reps)
+    wall = timed(fn, reps) * 1e6
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with torch_profile(activities=acts) as prof:
         for _ in range(reps):

@@ -4,6 +4,7 @@ check against the model falls back to the tiling; fold keeps short filters at th
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -84,19 +85,25 @@ def test_a_recurrence_that_disagrees_with_the_model_falls_back_to_the_tiling(mon
     assert _rel(_decode(dec, x, 7), ref[:, 6:]) <= 1e-5
 
 
-def test_fold_keeps_short_filters_at_their_taps():
-    entry = ZOO["hyena_lm"]
-    model = entry.build()
-    x = entry.make_inputs(model, 1, 50, torch.Generator().manual_seed(0))[0]
+@contextmanager
+def _accepted_mixers():
+    """The verified (and folded) mixers of every compile inside the block."""
     mixers = []
     listen = lambda rep, cg: mixers.extend(rep.accepted)  # noqa: E731
     report_listeners.append(listen)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = lcsm_compile.explain(model, x, max_len=512)
+        yield mixers
     finally:
         report_listeners.remove(listen)
+
+
+def test_fold_keeps_short_filters_at_their_taps():
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    x = entry.make_inputs(model, 1, 50, torch.Generator().manual_seed(0))[0]
+    with _accepted_mixers() as mixers, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lcsm_compile.explain(model, x, max_len=512)
     assert report.ok, str(report)
     short = [mx for mx in mixers if mx.filter_length <= 64]
     long = [mx for mx in mixers if mx.filter_length > 64]
@@ -116,15 +123,9 @@ def test_static_length_compile_keeps_short_filters_at_their_taps():
     entry = ZOO["hyena_lm"]
     model = entry.build()
     x = entry.make_inputs(model, 2, 90, torch.Generator().manual_seed(3))[0]
-    mixers = []
-    listen = lambda rep, cg: mixers.extend(rep.accepted)  # noqa: E731
-    report_listeners.append(listen)
-    try:
+    with _accepted_mixers() as mixers, torch.no_grad():
         compiled = torch.compile(model, backend="lcsm", options=EAGER)
-        with torch.no_grad():
-            y, ref = compiled(x), model(x)
-    finally:
-        report_listeners.remove(listen)
+        y, ref = compiled(x), model(x)
     short = [mx for mx in mixers if mx.filter_length <= 64]
     long = [mx for mx in mixers if mx.filter_length > 64]
     assert short and long

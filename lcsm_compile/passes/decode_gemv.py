@@ -5,7 +5,7 @@ weight. cuBLAS's fp32 GEMV kernels read these weights at about a third of HBM ba
 Hyena 864-wide: 5.9 µs for a 6 MB weight, measured by benchmarks/step_profile.py), and each one
 is its own launch with the bias and activation in further kernels. Written as a broadcast product
 summed over K, the product becomes one inductor reduction kernel with its epilogue fused, and
-coordinate-descent tuning (which `compile_options` turns on) picks block sizes near bandwidth.
+coordinate-descent tuning (COMPILE_OPTIONS) picks block sizes near bandwidth.
 
 Only the step program's segments get this (their row count is the batch); prefill keeps cuBLAS.
 """
@@ -16,12 +16,10 @@ from torch import fx
 
 aten = torch.ops.aten
 
-__all__ = ["decompose_gemv", "compile_options"]
+__all__ = ["decompose_gemv", "COMPILE_OPTIONS"]
 
-
-def compile_options() -> dict:
-    """inductor settings for decode segments: tuned reductions are what the products became."""
-    return {"coordinate_descent_tuning": True}
+# inductor settings for segments whose products became reductions: tuned block sizes.
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def _rows(node: fx.Node) -> int | None:

@@ -26,11 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..passes.incrementalize import (
-    CAUSAL_CONV, IncrementalizeError, Segment, StepPlan, ancestors, evaluate, input_env, shape_at,
-)
-from ..passes.decode_gemv import compile_options, decompose_gemv
+from ..passes.decode_gemv import COMPILE_OPTIONS, decompose_gemv
 from ..passes.fold import prefix_allowance
+from ..passes.incrementalize import (
+    CAUSAL_CONV,
+    IncrementalizeError,
+    Segment,
+    StepPlan,
+    ancestors,
+    evaluate,
+    input_env,
+    shape_at,
+)
 from ..passes.pipeline import counters
 from ..passes.region import describe_node
 
@@ -281,7 +288,7 @@ class StepProgram:
                 n = decompose_gemv(gm, self.gemv_rows)
                 if n:
                     counters["decode"]["gemv_reductions"] += n
-                    with inductor_config.patch(compile_options()):
+                    with inductor_config.patch(COMPILE_OPTIONS):
                         return compile_fx(gm, examples)
                 return compile_fx(gm, examples)
         return gm
