@@ -135,7 +135,8 @@ def fold(cg: CapturedGraph, mixers: list[Mixer], settings: Settings) -> tuple[li
             rejected.append(Rejection(mx.region.seed, f"cannot evaluate the filter at max_len={length}: {e}"))
             continue
         m = min(mx.length, length)
-        allowed = prefix_allowance(mx.fn.compute_dtype())
+        precision = mx.fn.compute_dtype()
+        allowed = prefix_allowance(precision)
         err, chan = prefix_error(h[:, :m], mx.h[:, :m])
         if err > allowed and retry:  # a batch-1 probe of ops sized for the captured batch
             h = retry()
@@ -145,7 +146,7 @@ def fold(cg: CapturedGraph, mixers: list[Mixer], settings: Settings) -> tuple[li
             rejected.append(Rejection(
                 mx.region.seed,
                 f"filter depends on total length (differs at max_len={length}: channel {chan} of its first "
-                f"{m} taps is off by {err:.1e} of its norm, round-off in {str(mx.fn.compute_dtype()).replace('torch.', '')} "
+                f"{m} taps is off by {err:.1e} of its norm, round-off in {str(precision).replace('torch.', '')} "
                 f"explains {allowed:.1e})"))
             continue
         mx.h, mx.length = h.contiguous(), length
