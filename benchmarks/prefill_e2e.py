@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="autocast-bf16", choices=["autocast-bf16", "float32"])
     ap.add_argument("--mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                     help="torch.compile mode of both inductor and lcsm (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call per runner: wall vs GPU kernel time, kernel count, top kernels")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -75,12 +77,42 @@ def main() -> None:
                 row["incomplete_rewrite"] = True
             for name, fn in runners.items():
                 row[f"{name}_ms"] = bench_ms(lambda fn=fn: fn(ids))
+            if args.profile:
+                row["profile"] = {name: kernel_profile(lambda fn=fn: fn(ids), name) for name, fn in runners.items()}
             row["lcsm_vs_eager"] = row["eager_ms"] / row["lcsm_ms"]
             row["lcsm_vs_inductor"] = row["inductor_ms"] / row["lcsm_ms"]
             rows.append(row)
             print("row", row, flush=True)
             save(args, rows)  # each row as it comes: a run cut short keeps what it measured
     plot_and_table(args, save(args, rows), list(runners))
+
+
+def kernel_profile(fn, label: str, calls: int = 3, top: int = 8) -> dict:
+    """Where one call's time goes: wall time vs summed GPU kernel time (a wall far above the
+    kernels means the host is the bottleneck), kernels per call, the most expensive kernels."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / calls  # us
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    out = {"wall_ms": start.elapsed_time(end) / calls, "kernel_ms": sum(by_name.values()) / 1e3,
+           "kernels_per_call": len(kernels) / calls,
+           "top": [{"kernel": k[:120], "ms": v / 1e3} for k, v in ranked]}
+    print(f"  profile {label}: wall {out['wall_ms']:.2f} ms, kernels {out['kernel_ms']:.2f} ms in "
+          f"{out['kernels_per_call']:.0f} launches; top: " +
+          "; ".join(f"{t['kernel'][:60]} {t['ms']:.2f}" for t in out["top"][:5]), flush=True)
+    return out
 
 
 def save(args, rows: list) -> dict:

@@ -20,7 +20,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .passes.capture import describe_inputs
-from .passes.pipeline import CompileReport, run_pipeline
+from .passes.pipeline import CompileReport, counters, run_pipeline
 from .settings import Settings
 
 __all__ = ["lcsm_backend", "inner_compile", "autocast_enabled", "report_listeners", "LcsmCompileError"]
@@ -52,6 +52,11 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
         patches = list_mode_options(mode) if mode not in (None, "default") else {}
+        if aten:
+            from .passes.inline_short import inline_short_convs  # noqa: PLC0415
+
+            gm, n = inline_short_convs(gm, settings.inline_short_taps)
+            counters["lowering"]["inlined_short_convs"] += n
         return compile_fx(gm, list(example_inputs), config_patches=patches or None)
     if settings.inner_backend == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager  # noqa: PLC0415

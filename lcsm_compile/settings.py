@@ -30,6 +30,10 @@ class Settings:
     verify_rtol: float = 1e-4
     # Convolutions with filters at most this long are "short" (ring buffers when decoding).
     short_conv_max: int = 64
+    # Prefill (inductor): causal convs of at most this many taps are handed to inductor as shifted
+    # products it fuses (passes/inline_short.py) instead of one opaque op on cuDNN's depthwise
+    # kernel (H200, Hyena-153M bf16, L = 8192: 215 us per layer for 3 taps); 0: never.
+    inline_short_taps: int = 16
     # Lower modal filters (Re sum r p^t) to their exact recurrence when decoding.
     modal_recurrence: bool = True
     # Replay decode steps under CUDA graphs on GPU.

@@ -192,6 +192,9 @@ def test_inductor_inner_backend(name):
     _, y, ref = _compile_run(model, inputs, options={})
     assert _rel(y, ref) <= 1e-5
     assert _rewrites() == entry.expected_convs
+    # Hyena's 3-tap convolutions reach inductor as shifted products; a 128-tap filter stays one op.
+    inlined = lcsm_compile.counters["lowering"]["inlined_short_convs"]
+    assert inlined == (entry.expected_convs // 2 if name == "hyena_lm" else 0)
 
 
 def test_verify_off_still_checks_causality():

@@ -161,5 +161,5 @@ def _keep_taps(mx: Mixer, settings: Settings) -> None:
     to an FFT convolution instead of the direct one; causal_conv takes K < L, and mx.length still
     bounds L."""
     K = mx.filter_length
-    if K <= settings.short_conv_max < mx.h.shape[-1]:
+    if K <= settings.short_conv_max and K < mx.h.shape[-1]:
         mx.h = mx.h[:, :K].clone()
