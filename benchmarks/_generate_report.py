@@ -9,6 +9,7 @@ from pathlib import Path
 from _common import log
 
 from lcsm_compile.kernels.online_conv.schedule import level_at
+from lcsm_compile.runtime.lazy_graphed import window_level
 
 P = 64  # prompt length of every generation
 
@@ -49,19 +50,44 @@ def lazy_total(costs: dict, L: int) -> float:
     return sum((interp(pts, a) + interp(pts, b)) / 2 * (b - a) for a, b in zip(xs, xs[1:])) + interp(pts, L - 1)
 
 
+def lazy_graphed_positions(L: int) -> list[int]:
+    """Where the graphed lazy is timed: both ends of every window level of positions P .. L-1."""
+    ends = set()
+    for k in range(window_level(P), window_level(L - 1) + 1):
+        ends |= {max(1 << k, P), min((2 << k) - 1, L - 1)}
+    return sorted(ends)
+
+
+def lazy_graphed_total(costs: dict, L: int) -> float | None:
+    """sum_{t=P}^{L-1} of the graphed lazy's cost at t: the cost of t's window level, affine in t
+    within the level through its two measured ends (so the level's sum is its count times the
+    value at its midpoint). None when a level was not measured (an older run)."""
+    total = 0.0
+    for k in range(window_level(P), window_level(L - 1) + 1):
+        lo, hi = max(1 << k, P), min((2 << k) - 1, L - 1)
+        pts = {t: s for t, s in costs.items() if lo <= t <= hi}
+        if not pts:
+            return None
+        total += (hi - lo + 1) * (interp(pts, (lo + hi) / 2) if len(pts) > 1 else next(iter(pts.values())))
+    return total
+
+
 def summarize(res: dict, smoke: bool) -> list:
     """The table's rows for every L = 2^k up to the config's max_len, from the measured costs."""
     costs = {None if k == "None" else int(k): v for k, v in res["ours_token_s_by_level"].items()}
     lazy_pts = {int(t): v for t, v in res["lazy_token_s"].items()}
     eager_pts = {int(n): v for n, v in res["eager_forward_s"].items()}  # JSON keys are strings
+    graphed_pts = {int(t): v for t, v in res.get("lazy_graphed_token_s", {}).items()}
     rows = []
     for k in range(10 if not smoke else 7, res["max_len"].bit_length()):
         n = 1 << k
         eager = eager_total(eager_pts, n) if eager_pts else None
         lazy, ours = lazy_total(lazy_pts, n), ours_total(costs, n)
         floor = res["floor_token_s"] * (n - P)
-        rows.append({"L": n, "eager_s": eager, "lazy_s": lazy, "ours_s": ours, "floor_s": floor,
-                     "ours_us_per_token": ours / (n - P) * 1e6, "lazy_over_ours": lazy / ours,
+        graphed = lazy_graphed_total(graphed_pts, n) if graphed_pts else None
+        rows.append({"L": n, "eager_s": eager, "lazy_s": lazy, "lazy_graphed_s": graphed, "ours_s": ours,
+                     "floor_s": floor, "ours_us_per_token": ours / (n - P) * 1e6, "lazy_over_ours": lazy / ours,
+                     "lazy_graphed_over_ours": graphed / ours if graphed is not None else None,
                      "ours_over_floor": ours / floor})
     return rows
 
@@ -76,7 +102,9 @@ def plot(report, path):
     for ax, res in zip(axes[0], report["configs"]):
         rows = res.get("rows") or []
         for key, label, color in (("eager_s", "eager recompute (HF-style)", "tab:orange"),
-                                  ("lazy_s", "lazy cache", "tab:red"), ("ours_s", "lcsm decoder (ours)", "tab:blue"),
+                                  ("lazy_s", "lazy cache", "tab:red"),
+                                  ("lazy_graphed_s", "lazy cache, CUDA-graphed", "tab:purple"),
+                                  ("ours_s", "lcsm decoder (ours)", "tab:blue"),
                                   ("floor_s", "position-wise floor", "tab:gray")):
             pts = [(r["L"], r[key] / (r["L"] - P) * 1e6) for r in rows if r.get(key)]
             if pts:
@@ -94,13 +122,19 @@ def plot(report, path):
 
 
 def table(report) -> str:
-    lines = [f"{'B':>2} {'L':>7} {'eager s':>10} {'lazy s':>9} {'ours s':>8} {'floor s':>8} {'ours us/tok':>11} "
-             f"{'lazy/ours':>9} {'ours/floor':>10}"]
+    """lazy-g: the lazy decoder replayed as CUDA graphs (no launch overhead), as ours is."""
+    lines = [(f"{'B':>2} {'L':>7} {'eager s':>10} {'lazy s':>9} {'lazy-g s':>9} {'ours s':>8} {'floor s':>8} "
+              f"{'ours us/tok':>11} {'lazy/ours':>9} {'lazy-g/ours':>11} {'ours/floor':>10}")]
+
+    def cell(v, width: int, fmt: str) -> str:
+        return f"{v:{width}{fmt}}" if v is not None else f"{'-':>{width}}"
+
     for res in report["configs"]:
         for r in res.get("rows") or []:
-            e = f"{r['eager_s']:10.1f}" if r["eager_s"] else f"{'-':>10}"
-            lines.append(f"{res['B']:>2} {r['L']:>7} {e} {r['lazy_s']:9.2f} {r['ours_s']:8.2f} {r['floor_s']:8.2f} "
-                         f"{r['ours_us_per_token']:11.1f} {r['lazy_over_ours']:9.1f} {r['ours_over_floor']:10.2f}")
+            lines.append(f"{res['B']:>2} {r['L']:>7} {cell(r['eager_s'] or None, 10, '.1f')} {r['lazy_s']:9.2f} "
+                         f"{cell(r.get('lazy_graphed_s'), 9, '.2f')} {r['ours_s']:8.2f} {r['floor_s']:8.2f} "
+                         f"{r['ours_us_per_token']:11.1f} {r['lazy_over_ours']:9.1f} "
+                         f"{cell(r.get('lazy_graphed_over_ours'), 11, '.1f')} {r['ours_over_floor']:10.2f}")
     return "\n".join(lines)
 
 

@@ -4,13 +4,17 @@
     python benchmarks/generate.py --smoke      # CPU, tiny Hyena: exercises the script only
     python benchmarks/generate.py --autocast   # the model under bf16 autocast (bf16 weights, cast once)
 
-Four ways to produce token t+1 from tokens 0..t, per config (B, L):
+Five ways to produce token t+1 from tokens 0..t, per config (B, L):
 - eager recompute: the model's full forward over the whole prefix for every token (what HF
   `generate(use_cache=False)` does); f(n) = one forward at length n, timed at n = 2^10 .. L,
   interpolated linearly in n and summed over the generation;
 - lazy: `decoder(engine="lazy")`: the same compiled step program, each long conv summing its
   whole history (O(t) per token; eager launches, its shapes change with t); timed at several
-  t, fitted a + b t, summed;
+  t, interpolated, summed;
+- lazy, graphed (`lazy-g`): the same sums with launches that replay (`engine="lazy-graphed"`),
+  one CUDA graph per token and window level (the smallest power of two > t), like ours: the
+  lazy baseline without its launch overhead. Each level used is timed at both of its ends
+  (affine in t in between) and summed over the generation (_generate_lazy.py);
 - ours: `lcsm_compile.decoder`: inductor-compiled segments + the online conv engine, one CUDA
   graph replay per token. A token costs base + tile(level(t)); every level's token graph is
   timed, and a generation's total is the level-weighted sum (the schedule is known), checked
@@ -41,11 +45,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import CUDA, log, sync, timed  # noqa: E402
+from _generate_lazy import lazy_costs, lazy_graphed_costs  # noqa: E402
 from _generate_report import P, ours_total, plot, rescore, summarize, table  # noqa: E402
 
 import lcsm_compile  # noqa: E402
 from lcsm_compile.runtime.decoder import Decoder  # noqa: E402
-from lcsm_compile.runtime.lazy import LazyConv  # noqa: E402
 from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
 from lcsm_compile.zoo import HyenaLM, hyena_153m, hyena_tiny  # noqa: E402
 
@@ -204,29 +208,6 @@ def floor_cost(dec: Decoder, reps: int) -> float:
     return timed(lambda: [run() for _ in range(reps)]) / reps
 
 
-@torch.no_grad()
-def lazy_costs(dec: Decoder, L: int, reps: int, vocab: int) -> dict:
-    """Seconds per token of the lazy decoder at several positions t (history of t inputs)."""
-    prog = StepProgram(dec.plan, DEV, engine_factory=LazyConv, like=dec.program)
-    ids = torch.randint(0, vocab, (dec.batch, P), device=DEV)
-    prog.prefill([ids], P)
-    x = [ids[:, :1].contiguous()]
-    ts = sorted({t for t in (P, L // 8, L // 4, L // 2, 3 * L // 4, L - reps - 2) if P <= t <= L - reps - 2})
-    costs = {}
-    def run(t):
-        for eng in prog.engines:  # benchmark only: jump the history length (its contents do not matter)
-            eng._position = t
-        prog.position = t
-        for _ in range(reps):
-            prog.step(x)
-
-    for t in ts:
-        costs[t] = timed(lambda: run(t)) / reps
-        log(f"    lazy t={t}: {costs[t] * 1e6:.0f} us/token")
-    del prog
-    return costs
-
-
 # ---------------------------------------------------------------- driver
 def run_config(model, B, L, smoke, report, save):
     res = {"B": B, "max_len": L}
@@ -274,6 +255,10 @@ def run_config(model, B, L, smoke, report, save):
     if CUDA:
         torch.cuda.empty_cache()
     res["lazy_token_s"] = {str(k): v for k, v in lazy_costs(dec, L, 3 if smoke else 5, model.vocab_size).items()}
+    gc.collect()
+    save()
+    graphed = lazy_graphed_costs(dec, L, 3 if smoke else 20, model.vocab_size)
+    res["lazy_graphed_token_s"] = {str(k): v for k, v in graphed.items()}
     del dec
     gc.collect()
     if CUDA:

@@ -6,6 +6,8 @@
 Nothing a launch reads depends on the position except through device tensors (the engines' `pos`,
 the program's `t`), so which graph runs is the only thing that changes with t, and the host knows
 it from its own counter (OnlineConv.tile_level): one replay per token, no sync, no allocation.
+An engine whose step also depends on the level (GraphedLazyConv: the window it sums) has
+`capture_level(level)`, called before each level's token is run here.
 
 Capture happens on the first step after a prefill (the engines must hold a prompt). Warm-up runs
 every graph's work twice at the scratch position max_len - 2 (kernel compiles, cuFFT plans), each
@@ -40,10 +42,15 @@ class StepGraphs:
         # recurrences (n_levels = 0) run the same launches at every position.
         self.tiled = [eng for eng in self.engines if eng.n_levels]
         self.levels = [-1, *range(self.tiled[0].n_levels)] if self.tiled else [None]
+        # Engines whose step itself depends on the level (GraphedLazyConv: the window it sums)
+        # are told the level of each token warmed up or captured, and released afterwards.
+        self.leveled = [eng for eng in self.engines if hasattr(eng, "capture_level")]
         t_scratch = max(p.max_len - 2, 0)
         with ExitStack() as stack:
             for eng in self.engines:
                 stack.enter_context(eng.scratch_position())
+            for eng in self.leveled:
+                stack.callback(eng.capture_level, None)
             scratch = [eng.pos.clone() for eng in self.engines]
             saved_t, saved_rings = p.t.clone(), {k: r.clone() for k, r in p.rings.items()}
 
@@ -76,6 +83,8 @@ class StepGraphs:
 
     def _token(self, level: int | None) -> None:
         p = self.program
+        for eng in self.leveled:
+            eng.capture_level(level)
         outs = p.run_segments(self.inputs)
         for i, v in outs.items():
             self.outputs[i].copy_(v)

@@ -31,13 +31,16 @@ from ..passes.pipeline import counters
 from ..passes.rewrite import mixer_of
 from ..settings import Settings
 from .lazy import LazyConv
+from .lazy_graphed import GraphedLazyConv
 from .step_program import StepProgram
 
 __all__ = ["Decoder", "capture", "decoder"]
 
 # How long convolutions step: the online engine (Flash Inference tiling), the lazy sum over the
-# history (the baseline), or "floor": no mixer at all (y = u; wrong outputs, for benchmarks only).
-ENGINES = {"online": None, "lazy": LazyConv, "floor": None}
+# history (the baseline; "lazy-graphed": the same sums as launches that replay under CUDA graphs,
+# the baseline without launch overhead), or "floor": no mixer at all (y = u; wrong outputs, for
+# benchmarks only).
+ENGINES = {"online": None, "lazy": LazyConv, "lazy-graphed": GraphedLazyConv, "floor": None}
 _captures = itertools.count()
 _PRIMES = (61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157)
 
@@ -329,6 +332,8 @@ def decoder(model: torch.nn.Module, *example_inputs, max_len: int, engine: str =
 
     `example_inputs` fix the batch size, the dtypes and every input without a time axis; their
     values are used to check the decoder against the model. engine="online" (the O(L log^2 L)
-    tiling) or "lazy" (each step sums the whole history: the baseline). `options` are the
-    backend's (lcsm_compile.Settings); inner_backend="inductor" (the default) compiles the step."""
+    tiling), "lazy" (each step sums the whole history: the baseline, eager launches) or
+    "lazy-graphed" (the same sums, one CUDA graph replay per token like "online": the baseline
+    without launch overhead). `options` are the backend's (lcsm_compile.Settings);
+    inner_backend="inductor" (the default) compiles the step."""
     return Decoder(model, example_inputs, max_len, Settings.from_options(options), engine)
