@@ -55,8 +55,11 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
         if aten:
             from .passes.inline_short import inline_short_convs  # noqa: PLC0415
 
+            from .kernels.dispatch import prime_filter_caches  # noqa: PLC0415
+
             gm, n = inline_short_convs(gm, settings.inline_short_taps)
             counters["lowering"]["inlined_short_convs"] += n
+            counters["lowering"]["primed_convs"] += prime_filter_caches(gm)
         return compile_fx(gm, list(example_inputs), config_patches=patches or None)
     if settings.inner_backend == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager  # noqa: PLC0415

@@ -15,8 +15,8 @@ plan) and guarded by a weak reference to the tensor that owns the memory (h._bas
 an entry is used only while that very tensor is alive and its version counter has not moved,
 so freed-and-reused memory or an in-place update can never serve a stale spectrum, and an entry
 disappears with its filter. The backend need do nothing more than keep the folded filter
-alive; it may call `prepare_filter` (or `warm(h, lengths)`) at compile time to move the FFTs
-out of the first call. Inference tensors have no version counter: they are guarded by identity
+alive; it runs each static-shape conv once at compile time (dispatch.prime_filter_caches), so the
+spectra exist before a CUDA-graph warm-up could allocate them in its private pool. Inference tensors have no version counter: they are guarded by identity
 alone (an in-place update under inference_mode would not be seen).
 
 Memory: a Triton-layout spectrum is D * N complex fp32 (N >= 2L), 4x the fp32 filter; the
