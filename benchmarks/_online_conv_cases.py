@@ -16,10 +16,10 @@ import torch
 if not torch.cuda.is_available():  # --smoke on CPU: Triton kernels through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import CUDA, DEV, log, rel, sync  # noqa: E402, F401 - online_conv.py imports log from here
+
 from lcsm_compile.kernels import OnlineConv  # noqa: E402
 from lcsm_compile.kernels.online_conv.schedule import level_at, level_frequencies  # noqa: E402
-
-from _common import CUDA, DEV, log, rel, sync  # noqa: E402, F401 - online_conv.py imports log from here
 
 SDT = torch.bfloat16 if CUDA else torch.float32  # bf16 is wrong in the Triton interpreter
 BACKEND = "triton"  # the engine's GPU path; on CPU (--smoke) the same kernels, interpreted

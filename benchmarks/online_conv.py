@@ -27,9 +27,7 @@ import traceback
 from pathlib import Path
 
 import torch
-
-from _online_conv_cases import (CUDA, SDT, check_every_step, crossover, diagnose, eager_cost, lazy_cost, log,
-                                ours_cost)
+from _online_conv_cases import CUDA, SDT, check_every_step, crossover, diagnose, eager_cost, lazy_cost, log, ours_cost
 
 
 def ours_worker(B, Ls, direct_max, dot_min, smoke, out_path):
@@ -91,7 +89,6 @@ def plot(results, path, device=None):
     fig, ax = plt.subplots(figsize=(7, 5))
     styles = {1: "-", 8: "--"}
     for B, rows in results.items():
-        Ls = [r["L"] for r in rows]
         for key, label, color in (("lazy_us", "lazy", "tab:red"), ("eager_us", "eager", "tab:orange"),
                                   ("ours_us", "ours (OnlineConv, CUDA graphs)", "tab:blue")):
             pts = [(r["L"], r[key]) for r in rows if r.get(key)]
@@ -160,14 +157,14 @@ def main():
     for dtype, tol, P, dm, mode, L, Bc in checks:
         try:
             report["checks"].append(check_every_step(dtype, M, D, Bc, L + 37, P, dm, tol, mode))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a failed check is recorded, the others still run
             traceback.print_exc()
             report["checks"].append({"dtype": str(dtype), "P": P, "mode": mode, "ok": False,
                                      "error": traceback.format_exc()[-500:]})
 
     direct_max, dot_min = args.direct_max, args.dot_min
     if direct_max is None and not args.quick:
-        log("== crossover: direct (Triton) vs FFT (torch.fft) tile, M=%d D=%d B=1 ==" % (M, D))
+        log(f"== crossover: direct (Triton) vs FFT (torch.fft) tile, M={M} D={D} B=1 ==")
         try:
             direct_max, dot_min, rows = crossover(M, D, 1, 64 if args.smoke else 8192,
                                                   max_direct=16 if args.smoke else 512, max_fma=16 if args.smoke else 64)
@@ -176,8 +173,8 @@ def main():
             log("== crossover, B=8 (recorded, not used) ==")
             dm8, dot8, rows8 = crossover(M, D, max(Bs), 64 if args.smoke else 8192,
                                          max_direct=16 if args.smoke else 128, max_fma=16 if args.smoke else 64)
-            report["crossover_B%d" % max(Bs)] = {"B": max(Bs), "direct_max": dm8, "dot_min": dot8, "rows": rows8}
-        except Exception:
+            report[f"crossover_B{max(Bs)}"] = {"B": max(Bs), "direct_max": dm8, "dot_min": dot8, "rows": rows8}
+        except Exception:  # noqa: BLE001 - the crossover is optional: keep the defaults
             traceback.print_exc()
             direct_max = None
     report["direct_max"], report["dot_min"] = direct_max, dot_min
@@ -197,7 +194,7 @@ def main():
                 try:
                     row[name] = fn(M, D, B, L, samples) * 1e6
                     log(f"  {name[:-3]}: {row[name]:.1f} us/token")
-                except Exception:
+                except Exception:  # noqa: BLE001 - one method failing keeps the others' times
                     traceback.print_exc()
                 torch.cuda.empty_cache() if CUDA else None
             if row.get("ours_us") and row.get("lazy_us"):
@@ -214,7 +211,7 @@ def main():
     (out_dir / f"online_conv_{device_slug()}.json").write_text(json.dumps(report, indent=1, default=str))
     try:
         plot(report["results"], out_dir / f"online_conv_{device_slug()}.png", info["device"])
-    except Exception:
+    except Exception:  # noqa: BLE001 - the JSON is written; a plot failure is reported
         traceback.print_exc()
 
     log("\n== checks ==")

@@ -24,11 +24,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lcsm_compile  # noqa: E402
-from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
-
 from _common import CUDA, DEV, log, sync, timed  # noqa: E402
 from generate import make_model, options  # noqa: E402
+
+import lcsm_compile  # noqa: E402
+from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
 
 P = 64
 
@@ -48,7 +48,8 @@ def kernel_table(prof, replays: int) -> list[dict]:
 
 
 def profile(name: str, fn, reps: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+    from torch.profiler import profile as torch_profile
 
     wall = timed(fn, reps) * 1e6
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])

@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "thirdparty"))
 
 import torch  # noqa: E402
-
 from _common import CUDA, DEV, log, rel, sync  # noqa: E402
 
 if not CUDA:
@@ -59,8 +58,8 @@ def config(args):
 
 def build(args):
     """stripedhyena at Evo-1's shape, seeded, fp32, on the device; its time vector a buffer."""
-    from thirdparty_models import draw_modal_parameters, evo1_config, keep_time_as_buffer
     from stripedhyena.model import StripedHyena
+    from thirdparty_models import draw_modal_parameters, evo1_config, keep_time_as_buffer
 
     cfg = evo1_config(**config(args))
     torch.manual_seed(0)
@@ -381,8 +380,8 @@ def main():
     own = results.get("own", {}).get(f"P={args.prompts_own[0]}", {}).get("ms_per_token")
     dec = results.get("decoders", {})
     if own:
-        for name, table in (("tiling", dec.get("tiling", {})), ("modal", dec.get("modal_decode", {}))):
-            for k, v in table.items():
+        for table in (dec.get("tiling", {}), dec.get("modal_decode", {})):
+            for v in table.values():
                 v["speedup_vs_own"] = own / v["ms_per_token"]
         save()
     log(json.dumps(results, indent=1))
@@ -392,6 +391,6 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the traceback, then a failing exit status
         traceback.print_exc()
         sys.exit(1)

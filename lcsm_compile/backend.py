@@ -11,7 +11,8 @@ untouched: dynamo catches them to retrace, and a fallback would hide them.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from functorch.compile import make_boxed_func
@@ -53,9 +54,8 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: S
 
         patches = list_mode_options(mode) if mode not in (None, "default") else {}
         if aten:
-            from .passes.inline_short import inline_short_convs  # noqa: PLC0415
-
             from .kernels.dispatch import prime_filter_caches  # noqa: PLC0415
+            from .passes.inline_short import inline_short_convs  # noqa: PLC0415
 
             gm, n = inline_short_convs(gm, settings.inline_short_taps)
             counters["lowering"]["inlined_short_convs"] += n

@@ -6,8 +6,9 @@ value of the wrong type is an error that lists what is valid, never a silent no-
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
 
@@ -46,7 +47,7 @@ class Settings:
     seq_dim: int = 1
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
+    def from_options(cls, options: Mapping[str, Any] | None) -> Settings:
         options = dict(options or {})
         valid = {f.name: f for f in fields(cls)}
         unknown = sorted(set(options) - set(valid))
@@ -58,7 +59,7 @@ class Settings:
         settings._check()
         return settings
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return Settings.from_options({**dataclasses.asdict(self), **changes})
 
     def _check(self) -> None:

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from graph_capture import capture
 from torch import nn
 
 import lcsm_compile
 from lcsm_compile.backend import report_listeners
 from lcsm_compile.passes.seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, seq_axis
 from lcsm_compile.zoo import ZOO
-from graph_capture import capture
 
 aten = torch.ops.aten
 EAGER = {"inner_backend": "eager"}

@@ -281,7 +281,8 @@ def test_load_refuses_a_manifest_that_disagrees_with_the_graphs(broken, exported
     def change_io(m):
         m["segments"][-1]["outputs"][-1]["shape"] = ["batch", 1, 63]
     _edit(broken, change_io)
-    with pytest.raises(ManifestError, match=r"segment_2.onnx output .* has shape .* the manifest says \['batch', 1, 63\]"):
+    want = r"segment_2.onnx output .* has shape .* the manifest says \['batch', 1, 63\]"
+    with pytest.raises(ManifestError, match=want):
         OnnxDecoder(broken)
 
 

@@ -7,12 +7,21 @@ import math
 import pytest
 import torch
 
+from lcsm_compile.kernels.dispatch import DispatchTable, causal_conv_cuda, choose
 from lcsm_compile.kernels.fftconv import (
-    FFTPlan, NotCovered, cached_spectrum, clear_cache, conv_size, fft_conv, gated_conv_reference,
-    make_plan, monarch_conv_reference, prepare_filter, torch_fft_conv,
+    FFTPlan,
+    NotCovered,
+    cached_spectrum,
+    clear_cache,
+    conv_size,
+    fft_conv,
+    gated_conv_reference,
+    make_plan,
+    monarch_conv_reference,
+    prepare_filter,
+    torch_fft_conv,
 )
 from lcsm_compile.kernels.fftconv.spectrum import _CACHE
-from lcsm_compile.kernels.dispatch import DispatchTable, causal_conv_cuda, choose
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

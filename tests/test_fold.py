@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from graph_capture import capture
 from torch import nn
 
 import lcsm_compile
@@ -16,7 +17,6 @@ from lcsm_compile.passes.seq_axis import seq_axis
 from lcsm_compile.passes.verify import concrete_shape, verify
 from lcsm_compile.settings import Settings
 from lcsm_compile.zoo.hyena import HyenaLM
-from graph_capture import capture
 
 aten = torch.ops.aten
 

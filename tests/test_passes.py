@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from graph_capture import capture
 from torch import nn
 
 from lcsm_compile.passes.fold import fold, model_max_len
@@ -10,7 +11,6 @@ from lcsm_compile.passes.rewrite import rewrite
 from lcsm_compile.passes.seq_axis import MIXING, POINTWISE, POSITIONAL, seq_axis
 from lcsm_compile.passes.verify import VerifyError, verify, verify_region
 from lcsm_compile.settings import Settings
-from graph_capture import capture
 
 aten = torch.ops.aten
 
@@ -46,7 +46,8 @@ def test_seq_axis_classes():
     seq_axis(cg)
     (addmm,) = _by_target(cg, aten.addmm.default)
     assert addmm.meta["lcsm_class"] == POINTWISE
-    (pos_slice,) = [n for n in _by_target(cg, aten.slice.Tensor) if n.args[0].op == "placeholder" and n.meta["val"].dim() == 1]
+    slices = _by_target(cg, aten.slice.Tensor)
+    (pos_slice,) = [n for n in slices if n.args[0].op == "placeholder" and n.meta["val"].dim() == 1]
     assert pos_slice.meta["lcsm_class"] == POSITIONAL and pos_slice.meta["lcsm_time"] == (0,)
     ffts = _by_target(cg, aten._fft_r2c.default)
     assert sorted(n.meta["lcsm_class"] for n in ffts) == [MIXING, POSITIONAL]  # the filter FFT is sized by L

@@ -11,8 +11,8 @@ import lcsm_compile
 import lcsm_compile.backend as backend
 from lcsm_compile.passes.verify import filter_extent
 from lcsm_compile.settings import Settings
-from lcsm_compile.zoo.h3 import ShiftSSMKernel
 from lcsm_compile.zoo import ZOO
+from lcsm_compile.zoo.h3 import ShiftSSMKernel
 
 EAGER = {"inner_backend": "eager"}
 D = 8

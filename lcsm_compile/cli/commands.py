@@ -34,6 +34,7 @@ def cmd_explain(args) -> int:
     if not args.model:
         raise CliError("explain: name a model (MODULE:FACTORY or zoo:NAME), or --list")
     import torch  # noqa: PLC0415
+
     import lcsm_compile  # noqa: PLC0415
 
     model, make = model_and_inputs(args)
@@ -60,7 +61,9 @@ def describe(inputs) -> str:
 
 def cmd_generate(args) -> int:
     import torch  # noqa: PLC0415
+
     import lcsm_compile  # noqa: PLC0415
+
     from ..runtime import IncrementalizeError  # noqa: PLC0415
 
     device = pick_device(args.device)
@@ -127,6 +130,7 @@ def build_decoder(model, ids, max_new_tokens: int, inner_backend: str) -> float 
 
 def cmd_export(args) -> int:
     import torch  # noqa: PLC0415
+
     import lcsm_compile  # noqa: PLC0415
 
     model, make = model_and_inputs(args)

@@ -39,7 +39,7 @@ def load_model(spec: str):
     if not isinstance(model, torch.nn.Module):
         raise CliError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     make = getattr(factory, "lcsm_input", None) or getattr(model, "lcsm_input", None)
-    return model.eval(), (lambda b, l, g: input_maker(make, model, spec)(b, l, g))
+    return model.eval(), (lambda b, n, g: input_maker(make, model, spec)(b, n, g))
 
 
 def import_target(where: str):
@@ -84,7 +84,7 @@ def input_maker(make, model, spec: str):
     import torch  # noqa: PLC0415
 
     if callable(make):
-        return lambda b, l, g: tuple(make(model, b, l, g))
+        return lambda b, n, g: tuple(make(model, b, n, g))
     if isinstance(make, str):
         kind, size = parse_input(make)
     elif isinstance(getattr(model, "vocab_size", None), int):
@@ -94,8 +94,8 @@ def input_maker(make, model, spec: str):
     else:
         raise CliError(f"cannot tell what input {spec} takes; pass --input ids:VOCAB or --input float:D")
     if kind == "ids":
-        return lambda b, l, g: (torch.randint(0, size, (b, l), generator=g),)
-    return lambda b, l, g: (torch.randn(b, l, size, generator=g),)
+        return lambda b, n, g: (torch.randint(0, size, (b, n), generator=g),)
+    return lambda b, n, g: (torch.randn(b, n, size, generator=g),)
 
 
 def model_and_inputs(args):

@@ -24,8 +24,19 @@ import torch
 from torch import Tensor, fx
 
 from ..passes.capture import sym_expr
-from .program import (CAUSAL_CONV, LONG, SHORT, ExportError, ExportPlan, GraphCopier, MixerSpec, describe,
-                      is_assert, is_positional, is_seq)
+from .program import (
+    CAUSAL_CONV,
+    LONG,
+    SHORT,
+    ExportError,
+    ExportPlan,
+    GraphCopier,
+    MixerSpec,
+    describe,
+    is_assert,
+    is_positional,
+    is_seq,
+)
 
 __all__ = ["GraphSpec", "IOSpec", "PositionalTable", "StepProgram", "build_prefill", "build_step_program"]
 
@@ -245,7 +256,8 @@ def _segment(plan: ExportPlan, s: int, depth: dict, names: dict, needed: set, ta
                 raise ExportError(f"export: a static value depends on the sequence length through {describe(a)}")
             t = tables.get(a) or _table(plan, a, f"position.{len(tables)}")
             tables[a] = t
-            spec = IOSpec(t.name, t.table.dtype, [1 if d == t.time_dim else int(n) for d, n in enumerate(t.table.shape)])
+            shape = [1 if d == t.time_dim else int(n) for d, n in enumerate(t.table.shape)]
+            spec = IOSpec(t.name, t.table.dtype, shape)
             return add_input(t.name, a.meta["val"], spec)
         return None
 
@@ -332,7 +344,7 @@ def combine_segments(segments: list[GraphSpec]) -> GraphSpec:
                     raise ExportError(f"export: internal: two segments hold different weights named {node.target}")
                 env[node] = graph.get_attr(node.target)
             elif node.op == "call_function":
-                env[node] = graph.node_copy(node, lambda a: env[a])
+                env[node] = graph.node_copy(node, env.__getitem__)
             elif node.op == "output":
                 for value, spec in zip(node.args[0], seg.outputs):
                     values[spec.name] = env[value]

@@ -24,7 +24,7 @@ onnxruntime then places the DFT nodes of a CUDA session on the CPU provider.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["causal_conv_translation", "SUPPORTED_OPSETS"]
 

@@ -284,10 +284,12 @@ def sample_next(logits: np.ndarray, do_sample: bool, temperature: float = 1.0, t
 
 def _check_session(sess, graph: dict) -> None:
     """The ONNX file's inputs and outputs are the ones the manifest describes."""
-    for kind, got, want in (("input", sess.get_inputs(), graph["inputs"]), ("output", sess.get_outputs(), graph["outputs"])):
+    sides = (("input", sess.get_inputs(), graph["inputs"]), ("output", sess.get_outputs(), graph["outputs"]))
+    for kind, got, want in sides:
         got_names = [g.name for g in got]
         if got_names != io_names(want):
-            raise ManifestError(f"artifact: {graph['file']} has {kind}s {got_names}, the manifest says {io_names(want)}")
+            raise ManifestError(f"artifact: {graph['file']} has {kind}s {got_names}, "
+                                f"the manifest says {io_names(want)}")
         for g, w in zip(got, want):
             if len(g.shape) != len(w["shape"]) or any(isinstance(s, int) and isinstance(d, int) and s != d
                                                       for s, d in zip(w["shape"], g.shape)):

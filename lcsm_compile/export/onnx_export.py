@@ -28,8 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graphs import (BATCH, LENGTH, PREFILL_CONV_MAX, GraphSpec, IOSpec, build_prefill, build_step_program,
-                     combine_segments)
+from .graphs import (
+    BATCH,
+    LENGTH,
+    PREFILL_CONV_MAX,
+    GraphSpec,
+    IOSpec,
+    build_prefill,
+    build_step_program,
+    combine_segments,
+)
 from .manifest import FORMAT, FORMAT_VERSION, write_manifest
 from .onnx_conv import causal_conv_translation
 from .program import CAUSAL_CONV, LONG, ExportError, ExportPlan, capture, describe

@@ -17,8 +17,9 @@ import operator
 import re
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import sympy
 import torch
@@ -38,7 +39,8 @@ aten = torch.ops.aten
 CAUSAL_CONV = torch.ops.lcsm.causal_conv.default
 SHORT, LONG = "short", "long"
 _SEQ = "lcsm_export_seq"
-_ASSERTS = {aten._assert_scalar.default, aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
+_ASSERTS = {aten._assert_scalar.default, aten._assert_tensor_metadata.default,
+            aten.sym_constrain_range_for_size.default}
 
 
 class ExportError(RuntimeError):

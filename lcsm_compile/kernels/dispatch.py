@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ class DispatchTable:
         self.meta = meta or {}
 
     @classmethod
-    def load(cls, path: Path | str = TABLE_PATH) -> "DispatchTable":
+    def load(cls, path: Path | str = TABLE_PATH) -> DispatchTable:
         path = Path(path)
         if not path.exists():
             return cls([], {"missing": str(path)})
@@ -79,7 +79,7 @@ class DispatchTable:
         return Choice("triton", plan.check(), why)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_table(path: str = str(TABLE_PATH)) -> DispatchTable:
     return DispatchTable.load(path)
 

@@ -14,8 +14,9 @@ filter generators with their values. Each input's role comes from dynamo's sourc
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import sympy
 import torch

@@ -45,8 +45,8 @@ from .length_eval import (
 )
 from .modal import Strategy, choose_strategy
 from .region import describe_node
-from .seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, mixing_reason, seq_axis
 from .rewrite import mixer_of
+from .seq_axis import MIXING, POINTWISE, POSITIONAL, STATIC, mixing_reason, seq_axis
 from .step_plan import CAUSAL_CONV, ConvSite, IncrementalizeError, Segment, StepPlan
 from .verify import filter_extent
 

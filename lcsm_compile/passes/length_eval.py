@@ -5,7 +5,7 @@ constant that is a multiple of the capture length rescaled to n (`_rescale`)."""
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import sympy
 import torch

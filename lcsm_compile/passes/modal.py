@@ -122,7 +122,7 @@ def _recognise(mixer: Mixer, rtol: float) -> tuple[ModalFilter | None, str]:
     if not candidates:
         return None, "no exp / pow over time (of poles p^t) in the filter subgraph"
     reasons = []
-    for node, poles, tdim in candidates:
+    for node, poles, _tdim in candidates:
         for per_channel in _channel_readings(poles, C):
             n = per_channel.shape[-1]
             if n > MAX_MODES:

@@ -73,7 +73,8 @@ def _replace(cg: CapturedGraph, b: _Builder, mx: Mixer, index: int) -> None:
         sizes = [_size(b, u, d) for d in perm]
         batch = 1
         for s in sizes[: len(mx.bcast_dims)]:
-            batch = b.call(operator.mul, batch, s) if isinstance(s, fx.Node) or isinstance(batch, fx.Node) else batch * s
+            symbolic = isinstance(s, fx.Node) or isinstance(batch, fx.Node)
+            batch = b.call(operator.mul, batch, s) if symbolic else batch * s
         x = b.call(aten.permute.default, u, perm)
         x = b.call(aten.clone.default, x, memory_format=torch.contiguous_format)
         x = b.call(aten.view.default, x, [batch, mx.channels, L])

@@ -20,6 +20,7 @@ import functools
 import itertools
 import types
 import warnings
+
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from .decoder import Decoder
 
 __all__ = ["generate", "sample_next", "logits_of"]
 
-_decoders: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_decoders: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def logits_of(output: Any, logits_fn: Callable | None = None) -> Tensor:

@@ -13,7 +13,7 @@ it sees); a graph that cannot be incrementalized runs unchanged, with a warning 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, fx

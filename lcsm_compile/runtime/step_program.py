@@ -19,7 +19,7 @@ input (so identical layers trace to identical graphs and inductor's cache compil
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ def as_captured(method: Callable) -> Callable:
 class StepProgram:
     @as_captured
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
-                 engine_factory: Callable | None = None, like: "StepProgram | None" = None, gemv_rows: int = 0):
+                 engine_factory: Callable | None = None, like: StepProgram | None = None, gemv_rows: int = 0):
         """`like`: another program of the same plan whose traced segments and constants to share.
         `gemv_rows`: inductor-compiled matrix products with at most this many rows become fused
         reductions on CUDA (passes/decode_gemv.py)."""

@@ -7,7 +7,7 @@ LN -> MLP] -> LN -> tied LM head.  Token ids (B, L) int64 in, logits (B, L, V) o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

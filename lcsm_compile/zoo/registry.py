@@ -6,8 +6,8 @@ negative entries hold none, and `reason` is a substring of what `explain()` shou
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn

@@ -1,6 +1,5 @@
 """recognise_modal / choose_strategy on real filter subgraphs: StripedHyena's compute_filter, the
 zoo's S4D kernels (H3), p ** t and real-exponential spellings, and filters that are not modal."""
-import math
 import functools
 import warnings
 

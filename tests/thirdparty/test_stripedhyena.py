@@ -1,6 +1,7 @@
 """stripedhyena 0.2.2 (Together's StripedHyena / Evo-1 code, installed from PyPI) as a client:
 compiled prefill vs its own stateless_forward, explain(), its own recurrent decoder, and our
-decoder (the modal recurrence it picks, and the tiling when forced) vs the full forward, at several lengths and batches."""
+decoder (the modal recurrence it picks, and the tiling when forced) vs the full forward, at several
+lengths and batches."""
 import copy
 import warnings
 
@@ -14,7 +15,9 @@ pytest.importorskip("stripedhyena.model", reason="stripedhyena 0.2.2 not install
                     "pip install --no-deps stripedhyena==0.2.2 einops")
 
 from thirdparty_models import (  # noqa: E402
-    StripedHyenaLogits, stripedhyena_recurrent_logits, stripedhyena_tiny,
+    StripedHyenaLogits,
+    stripedhyena_recurrent_logits,
+    stripedhyena_tiny,
 )
 
 EAGER = {"inner_backend": "eager"}

@@ -10,10 +10,10 @@ spectrum.py (filter spectra and their cache), kernel.py (Triton), conv.py (launc
 reference.py (plain torch). Importing this package imports triton; the dispatcher
 (kernels/dispatch.py) imports it only on CUDA.
 """
-from .plan import MAX_N, FFTPlan, conv_size, make_plan
-from .spectrum import FilterSpectrum, cached_rfft, cached_spectrum, clear_cache, prepare_filter
 from .conv import NotCovered, fft_conv
+from .plan import MAX_N, FFTPlan, conv_size, make_plan
 from .reference import gated_conv_reference, monarch_conv_reference, torch_fft_conv
+from .spectrum import FilterSpectrum, cached_rfft, cached_spectrum, clear_cache, prepare_filter
 
 __all__ = [
     "MAX_N", "FFTPlan", "FilterSpectrum", "NotCovered", "cached_rfft", "cached_spectrum", "clear_cache",

@@ -79,7 +79,7 @@ class FFTPlan:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def check(self) -> "FFTPlan":
+    def check(self) -> FFTPlan:
         for name in ("n", "r", "m1", "m2"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):

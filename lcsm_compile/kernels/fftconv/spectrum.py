@@ -16,8 +16,9 @@ an entry is used only while that very tensor is alive and its version counter ha
 so freed-and-reused memory or an in-place update can never serve a stale spectrum, and an entry
 disappears with its filter. The backend need do nothing more than keep the folded filter
 alive; it runs each static-shape conv once at compile time (dispatch.prime_filter_caches), so the
-spectra exist before a CUDA-graph warm-up could allocate them in its private pool. Inference tensors have no version counter: they are guarded by identity
-alone (an in-place update under inference_mode would not be seen).
+spectra exist before a CUDA-graph warm-up could allocate them in its private pool. Inference
+tensors have no version counter: they are guarded by identity alone (an in-place update under
+inference_mode would not be seen).
 
 Memory: a Triton-layout spectrum is D * N complex fp32 (N >= 2L), 4x the fp32 filter; the
 rfft spectrum for the torch.fft path half of that.
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

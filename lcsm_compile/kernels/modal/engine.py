@@ -21,8 +21,8 @@ ValueError for bad arguments, RuntimeError for calls out of order (like `OnlineC
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -44,7 +44,6 @@ an advance before every mixer stepped, a prefill after decoding started).
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -7,7 +7,7 @@ so the transient buffers stay under `work_bytes` whatever M, B, D and U are.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor

@@ -17,8 +17,8 @@ graphs can be captured before the prompt or in the middle of a generation.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 

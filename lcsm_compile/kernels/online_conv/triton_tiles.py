@@ -11,8 +11,8 @@ T[p, j] = h[U + p - j] is Toeplitz, gathered from the filter (an L1-resident win
 - `_tile_dot_kernel`, U >= 16: per channel, acc (batch x positions) += X_blk @ T^T with tl.dot
   (fp32 accumulation; tf32 inputs for half-precision state, exact fp32 for fp32 state).
 - `_gather_kernel` / `_scatter_kernel`: the device-indexed halves of an FFT tile: copy
-  X[..., t+1-U : t+1] into a zero-padded fp32 workspace (U a runtime argument: one compile) of length 2U for torch.fft, and add
-  z[..., U-1 : 2U-1] back into A[..., t+1 : t+1+U].
+  X[..., t+1-U : t+1] into a zero-padded fp32 workspace of length 2U for torch.fft (U a runtime
+  argument: one compile), and add z[..., U-1 : 2U-1] back into A[..., t+1 : t+1+U].
 
 Every tile launch writes pos[0] = t + 1 (its program 0), so the next steps see the new position.
 """
