@@ -1,0 +1,149 @@
+"""Decode-step matrix-vector products on Hyena-153M's shapes: cuBLAS vs inductor's fused reduction
+(what passes/decode_gemv.py emits today) vs the Triton GEMV (kernels/gemv.py).
+
+    python benchmarks/decode_gemv.py [--rows 1 8] [--dtypes float32 bfloat16]
+
+Each product runs inside a CUDA graph (as in a decode step) over enough copies of its weight to
+overflow the L2 cache (a 9 MB weight would otherwise be read from L2, not HBM), and the time per
+product is the graph's time over the copies. Correctness first (every method vs an fp64/fp32
+reference), then times, the Triton kernel at its default blocks and at the best of a small
+sweep; a table last, JSON + PNG in benchmarks/results (or $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import CUDA, log, rel  # noqa: E402
+
+from lcsm_compile.kernels.gemv import gemv, gemv_blocks, gemv_reference  # noqa: E402
+from lcsm_compile.passes.decode_gemv import COMPILE_OPTIONS  # noqa: E402
+
+# Hyena-153M (d_model 864, MLP 1728, vocab 50257 padded to 8): (name, K, N) per layer and the head
+SHAPES = [("in_proj", 864, 2592), ("fc1", 864, 1728), ("fc2", 1728, 864), ("out_proj", 864, 864),
+          ("lm_head", 864, 50264)]
+L2_BYTES = 60 << 20  # H100 50 MB, H200 60 MB of L2: the copies of a weight exceed it
+# Triton compiles once per (blocks, dtype, rows) and reuses it across shapes: 12 configs stay cheap.
+SWEEP = [(bn, bk, 4) for bn in (4, 8, 16, 32) for bk in (128, 256, 512)]
+
+
+def reduction(x, w, b):
+    """The decomposition passes/decode_gemv.py hands inductor."""
+    acc = torch.float32
+    y = (x.to(acc).unsqueeze(2) * w.to(acc).unsqueeze(0)).sum(1) + b.to(acc)
+    return y.to(x.dtype)
+
+
+def graph_us(run, copies: int) -> float:
+    import triton.testing  # noqa: PLC0415
+
+    return float(triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")) * 1e3 / copies
+
+
+def bench_shape(name, K, N, M, dtype, inductor) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(K * N + M)
+    nbytes = K * N * torch.finfo(dtype).bits // 8
+    copies = max(1, -(-3 * L2_BYTES // nbytes))
+    Ws = [torch.randn(N, K, generator=g, device="cuda").to(dtype) for _ in range(copies)]
+    bs = [torch.randn(N, generator=g, device="cuda").to(dtype) for _ in range(copies)]
+    x = torch.randn(M, K, generator=g, device="cuda").to(dtype)
+    want = gemv_reference(x, Ws[0].t(), bs[0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    methods = {
+        "cublas": lambda W, b: torch.nn.functional.linear(x, W, b),
+        "inductor": lambda W, b: inductor(x, W.t(), b),
+        "triton": lambda W, b: gemv(x, W.t(), b),
+    }
+    row = {"name": name, "K": K, "N": N, "M": M, "dtype": str(dtype).removeprefix("torch."),
+           "weight_mb": nbytes / 2**20, "copies": copies, "blocks": list(gemv_blocks(M, N, K))}
+    for key, fn in methods.items():
+        err = rel(fn(Ws[0], bs[0]), want)
+        row[f"{key}_rel_err"] = err
+        if err > tol:
+            row[f"{key}_us"] = None
+            log(f"  {name} {row['dtype']} M={M}: {key} rel err {err:.1e} > {tol}: not timed")
+            continue
+        row[f"{key}_us"] = graph_us(lambda fn=fn: [fn(W, b) for W, b in zip(Ws, bs)], copies)
+    best = None
+    for bn, bk, w in SWEEP:
+        blocks = (row["blocks"][0], bn, bk, w)
+        t = graph_us(lambda blocks=blocks: [gemv(x, W.t(), b, blocks=blocks) for W, b in zip(Ws, bs)], copies)
+        if best is None or t < best[0]:
+            best = (t, blocks)
+    row["triton_best_us"], row["triton_best_blocks"] = best[0], list(best[1])
+    for key in ("cublas", "inductor", "triton", "triton_best"):
+        t = row.get(f"{key}_us")
+        row[f"{key}_tbps"] = nbytes / (t * 1e-6) / 1e12 if t else None
+    log(f"  {name:8s} {row['dtype']:8s} M={M}: " + "  ".join(
+        f"{k} {row[f'{k}_us']:.2f} us" for k in ("cublas", "inductor", "triton", "triton_best") if row.get(f"{k}_us")))
+    return row
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['date']}",
+             f"{'shape':9s} {'dtype':8s} {'M':>2s} {'MB':>6s} | {'cuBLAS':>7s} {'inductor':>8s} {'triton':>7s} "
+             f"{'best':>7s} us | {'TB/s best':>9s} | best blocks"]
+    for r in report["rows"]:
+        f = lambda v: f"{v:7.2f}" if v else "      -"  # noqa: E731
+        tb = r.get("triton_best_tbps")
+        lines.append(f"{r['name']:9s} {r['dtype']:8s} {r['M']:>2d} {r['weight_mb']:6.1f} | {f(r['cublas_us'])} "
+                     f"{f(r['inductor_us']):>8s} {f(r['triton_us'])} {f(r['triton_best_us'])}    | "
+                     f"{tb if tb is None else round(tb, 2)!s:>9s} | {r['triton_best_blocks']}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [f"{r['name']}\n{r['dtype'][:4]} M={r['M']}" for r in rows]
+    for i, key in enumerate(("cublas", "inductor", "triton", "triton_best")):
+        ax.bar([j + 0.2 * i for j in range(len(rows))], [r.get(f"{key}_tbps") or 0 for r in rows], 0.2, label=key)
+    ax.set_xticks([j + 0.3 for j in range(len(rows))], labels, fontsize=7)
+    ax.set_ylabel("weight read rate (TB/s)")
+    ax.set_title(f"decode GEMV, Hyena-153M shapes: {report['device']}, {report['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = ap.parse_args()
+    if not CUDA:
+        raise SystemExit("decode_gemv: needs a CUDA device (tests/test_gemv.py covers the kernel on CPU)")
+    import triton  # noqa: PLC0415
+
+    inductor = torch.compile(reduction, options=COMPILE_OPTIONS, dynamic=False)
+    report = {"benchmark": "decode_gemv", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "rows": []}
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    slug = report["device"].split()[1].lower() if len(report["device"].split()) > 1 else "gpu"
+    path = out / f"decode_gemv_{slug}.json"
+    with torch.no_grad():
+        for dtype in (getattr(torch, d) for d in args.dtypes):
+            for M in args.rows:
+                for name, K, N in SHAPES:
+                    report["rows"].append(bench_shape(name, K, N, M, dtype, inductor))
+                    path.write_text(json.dumps(report, indent=1))
+    plot(report, path.with_suffix(".png"))
+    log("\n" + table(report))
+
+
+if __name__ == "__main__":
+    main()

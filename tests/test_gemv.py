@@ -1,0 +1,53 @@
+"""kernels/gemv.py (Triton, through the interpreter on CPU) against the torch reference."""
+import pytest
+import torch
+
+from lcsm_compile.kernels.gemv import gemv, gemv_blocks, gemv_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 1, 1), (1, 63, 97), (3, 100, 33), (8, 257, 130), (2, 1000, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_reference(M, K, N, bias):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=g).to(DEV)
+    W = torch.randn(N, K, generator=g).to(DEV)  # nn.Linear layout; mm sees its transpose
+    b = torch.randn(N, generator=g).to(DEV) if bias else None
+    y = gemv(x, W.t(), b)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert _rel(y, gemv_reference(x, W.t(), b)) <= 1e-6
+    # a contiguous (K, N) weight and a strided x (a column slice) give the same
+    xs = torch.randn(M, 2 * K, generator=g).to(DEV)[:, ::2]
+    assert _rel(gemv(xs, W.t().contiguous(), b), gemv_reference(xs, W.t(), b)) <= 1e-6
+
+
+def test_gemv_fp16_accumulates_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, generator=g).half().to(DEV)
+    W = torch.randn(70, 300, generator=g).half().to(DEV)
+    y = gemv(x, W.t())
+    assert y.dtype == torch.float16
+    assert _rel(y, gemv_reference(x, W.t())) <= 2e-3  # fp16 output rounding only
+
+
+def test_gemv_bad_input():
+    x, w = torch.randn(9, 4), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="rows"):
+        gemv(x, w)
+    with pytest.raises(ValueError, match="want x"):
+        gemv(torch.randn(1, 5), w)
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.randn(1, 4), w, torch.randn(4))
+
+
+def test_gpu_blocks_fill_the_machine():
+    # two or more waves of 132 SMs where the output allows it; never more than 64 outputs a program
+    for N in (864, 1728, 2592, 50264):
+        _, bn, bk, _ = gemv_blocks(1, N, 864)
+        assert 4 <= bn <= 64 and bk == 256
+        assert -(-N // bn) >= 264 or bn == 4
