@@ -99,6 +99,11 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> str:
+    """What `lcsm-compile bench --show decode_gemv` prints."""
+    return table(results)
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
