@@ -83,14 +83,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--max-len", type=int, default=None, help="default 4096 (--smoke: 512, the tiny model's limit is 1024)")
     ap.add_argument("--sine-freq", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--gemv-rows", type=int, default=None, help="decode_gemv_rows option (default: the setting's)")
+    ap.add_argument("--gemv-kernel", choices=["reduction", "triton"], default=None,
+                    help="decode_gemv_kernel option (default: the setting's)")
     args = ap.parse_args()
+    args.max_len = args.max_len or (512 if args.smoke else 4096)
     model = make_model(args.smoke, args.sine_freq)
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
     opts = options(args.smoke) | ({} if args.gemv_rows is None else {"decode_gemv_rows": args.gemv_rows})
+    opts |= {} if args.gemv_kernel is None else {"decode_gemv_kernel": args.gemv_kernel}
     dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
     log(f"built {dec}")
     out = dec.prefill(ids)
@@ -133,7 +137,8 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
-    gemv = "" if args.gemv_rows is None else f"_gemv{args.gemv_rows}"
+    gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
+        "" if args.gemv_kernel is None else f"_{args.gemv_kernel}")
     (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -43,6 +43,9 @@ class Settings:
     # fused, tuned reductions instead of cuBLAS GEMV launches (passes/decode_gemv.py); 0: never.
     # H200, Hyena-153M fp32: 1 row 816 -> 662 us/token; 8 rows 1329 -> 1555 (worse), hence 1.
     decode_gemv_rows: int = 1
+    # What those products become: "reduction" (inductor's, tuned) or "triton" (kernels/gemv.py,
+    # one extern call each; not yet measured against the reduction on a GPU).
+    decode_gemv_kernel: str = "reduction"
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -77,6 +80,10 @@ class Settings:
             raise bad("verify_rtol", "a float in (0, 1)")
         if not isinstance(self.short_conv_max, int) or self.short_conv_max < 1:
             raise bad("short_conv_max", "a positive int")
+        if self.decode_gemv_kernel not in ("reduction", "triton"):
+            raise bad("decode_gemv_kernel", "'reduction' or 'triton'")
+        if not isinstance(self.inline_short_taps, int) or self.inline_short_taps < 0:
+            raise bad("inline_short_taps", "an int >= 0")
         if not isinstance(self.decode_gemv_rows, int) or self.decode_gemv_rows < 0:
             raise bad("decode_gemv_rows", "an int >= 0")
         if not isinstance(self.seq_dim, int):

@@ -70,3 +70,32 @@ def test_option_is_validated_and_cpu_decoders_keep_their_products():
     dec = lcsm_compile.decoder(model, ids, max_len=64, inner_backend="eager", decode_gemv_rows=8)
     assert dec.program.gemv_rows == 0  # CPU: cuBLAS-free GEMV reductions are a CUDA-only win
     assert any(aten.addmm.default in _targets(fn) for fn in dec.program.fns)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_products_become_gemv_calls_with_the_same_values(rows):
+    gm, args = _graph(rows, torch.float32, 4)
+    want = gm(*args)
+    assert decompose_gemv(gm, max_rows=8, kernel="triton") == 2
+    assert _targets(gm).count(torch.ops.lcsm.gemv.default) == 2
+    assert aten.mm.default not in _targets(gm) and aten.addmm.default not in _targets(gm)
+    got = gm(*args)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() <= 1e-6
+    # inductor compiles the graph with the calls as externs (here on CPU: the torch fallback)
+    from torch._inductor.compile_fx import compile_fx
+
+    compiled = compile_fx(gm, args)
+    out = compiled(*args)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert ((out - want).norm() / want.norm()).item() <= 1e-6
+
+
+def test_gemv_kernel_option():
+    assert Settings.from_options({"decode_gemv_kernel": "triton"}).decode_gemv_kernel == "triton"
+    with pytest.raises(ValueError, match="decode_gemv_kernel"):
+        Settings.from_options({"decode_gemv_kernel": "cublas"})
+    with pytest.raises(ValueError, match="kernel must be"):
+        decompose_gemv(_graph(1, torch.float32, 0)[0], max_rows=1, kernel="cublas")
+    with pytest.raises(ValueError, match="inline_short_taps"):
+        Settings.from_options({"inline_short_taps": -1})

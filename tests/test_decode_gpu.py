@@ -41,15 +41,17 @@ def test_cuda_graph_decoder_matches_eager(name, backend):
         assert err <= 1e-4, f"{name} P={P}: {err:.2e}"
 
 
-def test_gemv_reductions_at_batch_one_match_eager():
-    """decode_gemv_rows (default 1): the inductor segments' products as tuned reductions."""
+@pytest.mark.parametrize("kernel, counter", [("reduction", "gemv_reductions"), ("triton", "gemv_kernels")])
+def test_gemv_at_batch_one_match_eager(kernel, counter):
+    """decode_gemv_rows (default 1): the inductor segments' products as tuned reductions, or as
+    lcsm::gemv calls (decode_gemv_kernel="triton")."""
     model = _model("hyena_lm")
     x = ZOO["hyena_lm"].make_inputs(model, 1, 200, torch.Generator().manual_seed(1))[0].to(DEV)
     with torch.no_grad():
         ref = model(x)
     lcsm_compile.counters.clear()
-    dec = lcsm_compile.decoder(model, x[:, :13], max_len=200, inner_backend="inductor")
-    assert lcsm_compile.counters["decode"]["gemv_reductions"] > 0
+    dec = lcsm_compile.decoder(model, x[:, :13], max_len=200, inner_backend="inductor", decode_gemv_kernel=kernel)
+    assert lcsm_compile.counters["decode"][counter] > 0
     outs = [dec.prefill(x[:, :13])] + [dec.step(x[:, t : t + 1]) for t in range(13, 200)]
     err = _rel_per_position(torch.cat(outs, 1), ref[:, 12:])
     assert err <= 1e-4, f"{err:.2e}"

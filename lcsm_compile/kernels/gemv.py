@@ -9,7 +9,8 @@ bandwidth, and inductor's fused reductions (passes/decode_gemv.py) at 0.9-1.7 TB
 owns BLOCK_N outputs, streams their weight rows along K (contiguous for a transposed nn.Linear
 weight, the layout `mm` sees) and keeps a (BLOCK_M, BLOCK_N, BLOCK_K) product reduced once per
 chunk. `benchmarks/decode_gemv.py` holds it against cuBLAS and inductor's reduction on the
-model's shapes; the decode path does not use it until that comparison says so.
+model's shapes; the decode path uses it (as the custom op `lcsm::gemv`) only when asked,
+`options={"decode_gemv_kernel": "triton"}`, until that comparison says it should by default.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["gemv", "gemv_blocks", "gemv_reference", "MAX_ROWS"]
+__all__ = ["gemv", "gemv_blocks", "gemv_op", "gemv_reference", "MAX_ROWS"]
 
 MAX_ROWS = 8
 
@@ -91,3 +92,20 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return y
+
+
+@torch.library.custom_op("lcsm::gemv", mutates_args=())
+def gemv_op(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`gemv` as one graph node for inductor-compiled decode segments (an extern call there).
+    CUDA: the Triton kernel; elsewhere the same sum in torch (fp32 accumulation)."""
+    if x.is_cuda:
+        return gemv(x, w, bias)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc) @ w.to(acc)
+    return (y if bias is None else y + bias.to(acc)).to(x.dtype)
+
+
+@gemv_op.register_fake
+def _(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    torch._check(x.dim() == 2 and w.dim() == 2, lambda: "lcsm::gemv: x (M, K) and w (K, N)")
+    return x.new_empty(x.shape[0], w.shape[1])

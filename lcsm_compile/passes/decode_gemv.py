@@ -8,6 +8,8 @@ summed over K, the product becomes one inductor reduction kernel with its epilog
 coordinate-descent tuning (COMPILE_OPTIONS) picks block sizes near bandwidth.
 
 Only the step program's segments get this (their row count is the batch); prefill keeps cuBLAS.
+`kernel="triton"` makes each product one `lcsm::gemv` call instead (kernels/gemv.py: a
+hand-written GEMV, an extern call to inductor; its bias is fused, anything else is not).
 """
 from __future__ import annotations
 
@@ -29,9 +31,16 @@ def _rows(node: fx.Node) -> int | None:
     return val.shape[0]
 
 
-def decompose_gemv(gm: fx.GraphModule, max_rows: int) -> int:
+def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction") -> int:
     """Rewrites `mm(x, w)` and `addmm(b, x, w)` with at most `max_rows` rows of x in place:
-    sum_k x[m, k] w[k, n] in fp32, cast back to the product's dtype. Returns how many."""
+    sum_k x[m, k] w[k, n] in fp32, cast back to the product's dtype, as a reduction (kernel
+    "reduction") or one `lcsm::gemv` node ("triton"). Returns how many."""
+    if kernel not in ("reduction", "triton"):
+        raise ValueError(f"decompose_gemv: kernel must be 'reduction' or 'triton', got {kernel!r}")
+    if kernel == "triton":
+        from ..kernels.gemv import MAX_ROWS  # noqa: PLC0415 - registers lcsm::gemv (loads triton)
+
+        max_rows = min(max_rows, MAX_ROWS)
     if max_rows < 1:
         return 0
     graph, count = gm.graph, 0
@@ -47,6 +56,14 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int) -> int:
         rows = _rows(x)
         out = node.meta.get("val")
         if rows is None or rows > max_rows or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+            continue
+        if kernel == "triton":
+            with graph.inserting_before(node):
+                y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
+            y.meta["val"] = out
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            count += 1
             continue
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
         with graph.inserting_before(node):
