@@ -245,3 +245,17 @@ def test_reduce_overhead_prefill_on_gpu():
             y, ref = compiled(*inputs).clone(), model(*inputs)
             assert _rel(y, ref) <= 1e-4
     assert _rewrites() > 0
+
+
+@pytest.mark.slow
+def test_inductor_dynamic_length_with_inlined_short_convs():
+    """The shifted products need no static length: one dynamic inductor compile serves several."""
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", dynamic=True)
+    for L in (63, 100):
+        inputs = entry.make_inputs(model, 2, L, torch.Generator().manual_seed(L))
+        with torch.no_grad():
+            assert _rel(compiled(*inputs), model(*inputs)) <= 1e-5
+    assert lcsm_compile.counters["lowering"]["inlined_short_convs"] > 0
