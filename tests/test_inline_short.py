@@ -54,3 +54,31 @@ def test_long_filters_stay_one_op():
     assert n == 0 and out is gm
     out, n = inline_short_convs(_conv_graph(torch.randn(4, 3), sliced=False), max_taps=0)
     assert n == 0
+
+
+def test_filter_caches_are_primed_with_real_tensors_at_compile_time(monkeypatch):
+    """dispatch.prime_filter_caches runs every static-shape conv once while the backend compiles
+    (on CUDA; here on CPU with a spy): with real zeros of the call's shape and the graph's own
+    filter buffer, even though the compiler may hold a fake mode."""
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    import lcsm_compile.kernels.dispatch as dispatch
+    from lcsm_compile.zoo import ZOO
+
+    seen = []
+    real_prime = dispatch.prime_filter_caches
+    monkeypatch.setattr(dispatch, "causal_conv_cuda", lambda u, h: seen.append((u, h)))
+    monkeypatch.setattr(dispatch, "prime_filter_caches", lambda gm: real_prime(gm, device_type="cpu"))
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches=None, **kw: gm.forward)
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    inputs = entry.make_inputs(model, 2, 40, torch.Generator().manual_seed(0))
+    lcsm_compile.counters.clear()
+    with torch.no_grad():
+        torch.compile(model, backend="lcsm")(*inputs)
+    # the two long convolutions (the 3-tap ones were inlined before priming)
+    assert len(seen) == lcsm_compile.counters["lowering"]["primed_convs"] == 2
+    for u, h in seen:
+        assert not isinstance(u, FakeTensor) and not isinstance(h, FakeTensor)
+        assert u.shape == (2, h.shape[0], 40) and not u.any()

@@ -123,22 +123,25 @@ def causal_conv_cuda(u: Tensor, h: Tensor, impl: str = "auto") -> Tensor:
     return torch_fft_conv(u, h)
 
 
-def prime_filter_caches(gm) -> int:
+def prime_filter_caches(gm, device_type: str = "cuda") -> int:
     """Run each CUDA `causal_conv` of a graph with a static input shape once, on zeros, so that
     the filter spectra it caches (fftconv/spectrum.py) exist before the graph first runs.
     Under mode="reduce-overhead" the first run is inductor's CUDA-graph warm-up, whose
     allocations land in the graph's private pool: a spectrum cached there outlives the run and
     cudagraph trees refuses the recording ("tensors in the cudagraph pool not tracked as
-    outputs"). Returns how many convolutions ran."""
+    outputs"). Returns how many convolutions ran. Real tensors even if a compiler calls this
+    inside its fake mode; `device_type` is for tests (the caches exist on CUDA only)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
+
     count = 0
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.lcsm.causal_conv.default):
         u, h = node.args[0].meta.get("val"), node.args[1]
         if h.op != "get_attr" or not isinstance(u, torch.Tensor) or not all(isinstance(s, int) for s in u.shape):
             continue  # a dynamic length: each new length is a new spectrum anyway
         filt = getattr(gm, h.target)
-        if not filt.is_cuda:
+        if filt.device.type != device_type:
             continue
-        with torch.no_grad():
-            causal_conv_cuda(torch.zeros(u.shape, dtype=u.dtype, device=filt.device), filt)
+        with unset_fake_temporarily(), torch.no_grad():
+            causal_conv_cuda(torch.zeros(tuple(u.shape), dtype=u.dtype, device=filt.device), filt)
         count += 1
     return count
