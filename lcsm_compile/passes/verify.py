@@ -204,10 +204,8 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     L = shape[axis]
     g = torch.Generator(device="cpu").manual_seed(1234 + L)
 
-    def rand(shp):
-        # fp32 draws (fp64 for fp64 regions): fp64 draws cast down cost 2x on a CPU
-        u = torch.randn(shp, generator=g, dtype=torch.promote_types(dtype, torch.float32))
-        return u.to(dtype=dtype, device=device)
+    def rand(shp):  # fp32 draws (fp64 for fp64 regions): fp64 ones cast down cost 2x on a CPU
+        return torch.randn(shp, generator=g, dtype=torch.promote_types(dtype, torch.float32)).to(device, dtype)
 
     try:
         h_full, c = impulse_response(fn, shape, axis, dtype, device)
@@ -268,8 +266,7 @@ def _probe_error(fn, u: Tensor, c: Tensor, h: Tensor, axis, bcast, chan) -> tupl
     """f(u) - c, and its relative error against the causal convolution of u with h."""
     got = fn(u) - c
     uc, h = to_canonical(u, axis, bcast, chan).double(), h.double()
-    # In fp64 either way; an FFT past L + K - 1 for long filters: the direct sum over K ~ L taps
-    # was 26 of a Hyena-153M compile's 68 s on a CPU (L = 2048).
+    # fp64; long filters by FFT (the direct sum over K ~ L taps was 40% of a Hyena-153M compile)
     want = causal_conv_reference(uc, h) if h.shape[-1] <= 64 else causal_conv_fft(uc, h)
     return got, _rel(got, from_canonical(want, u.shape, axis, bcast, chan))
 
@@ -346,9 +343,7 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
     of) the one at the capture length, and a random probe equal to the causal convolution."""
     axis, bcast, chan, fn = mixer.axis, mixer.bcast_dims, mixer.chan_dims, mixer.fn
     L = shape[axis]
-    shp = list(shape)
-    shp[axis] = L2
-    shp = tuple(shp)
+    shp = tuple(L2 if d == axis else s for d, s in enumerate(shape))
     try:
         h2_full, c2 = impulse_response(fn, shp, axis, dtype, device)
         if tuple(h2_full.shape) != shp:
@@ -366,7 +361,7 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
     if _rel(h2[:, :m], mixer.h[:, :m]) > tol:
         raise VerifyError("filter depends on total length (not prefix-consistent across lengths)")
     g = torch.Generator(device="cpu").manual_seed(4321 + L2)
-    u = torch.randn(shp, generator=g, dtype=torch.promote_types(dtype, torch.float32)).to(dtype=dtype, device=device)
+    u = torch.randn(shp, generator=g, dtype=torch.promote_types(dtype, torch.float32)).to(device, dtype)
     _, err = _probe_error(fn, u, c2, h2, axis, bcast, chan)
     if err > tol:
         raise VerifyError(f"does not match a causal convolution at L={L2} (relative error {err:.2e})")
