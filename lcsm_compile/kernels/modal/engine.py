@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from ..step_engine import StepEngine, resolve_backend
 from .reference import complex_of, modal_impulse_response, modal_prompt_output, modal_state
 
 __all__ = ["ModalRecurrence"]
@@ -44,7 +45,7 @@ def _stack(xs, n: int | None, what: str) -> Tensor:
     return torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[-1])) for x in xs])
 
 
-class ModalRecurrence:
+class ModalRecurrence(StepEngine):
     def __init__(self, poles, residues, skip, batch: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, max_len: int | None = None,
                  filters: Tensor | None = None, backend: str = "auto", work_bytes: int = 1 << 28):
@@ -66,14 +67,8 @@ class ModalRecurrence:
         self.dtype = dtype or torch.float32
         if self.dtype not in _FLOATS:
             raise ValueError(f"ModalRecurrence: dtype must be one of {_FLOATS}, got {self.dtype}")
-        self.device = torch.device(device) if device is not None else p.device
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" and self.dtype != torch.float64 else "torch"
-        if backend not in ("torch", "triton") or (backend == "triton" and self.dtype == torch.float64):
-            raise ValueError(f"ModalRecurrence: backend must be 'torch' or 'triton' (no fp64), got {backend!r}")
-        self.backend = backend
+        self.device, self.backend = resolve_backend(
+            "ModalRecurrence", torch.device(device) if device is not None else p.device, self.dtype, backend)
         self._interpret = self.device.type != "cuda"
         self.M, self.C, self.n = M, C, n
         self.B = int(batch)
@@ -105,55 +100,23 @@ class ModalRecurrence:
         """The (M, C, K) filters the prompts are convolved with, when given (as OnlineConv.h)."""
         return self._filters
 
-    # ---------------------------------------------------------------- host state
+    # ---------------------------------------------------------------- host state (StepEngine)
     @property
-    def position(self) -> int:
-        return self._position
-
-    @property
-    def prompt_len(self) -> int | None:
-        return self._prompt_len
+    def channels(self) -> int:
+        return self.C
 
     @property
     def state_size(self) -> int:
         return self.n
 
     def reset(self) -> None:
-        """Back to before the prompt; buffers are kept (captured graphs stay valid)."""
-        self._position = 0
-        self._prompt_len: int | None = None
-        self._prefilled = [False] * self.M
-        self._stepped: set[int] = set()
+        super().reset()
         self.S.zero_()
-        self.pos.zero_()
 
     def memory_elements(self) -> dict:
         """Elements of decode state (a complex value counts 2), beyond the poles and residues."""
         state = 2 * self.S.numel()
         return {"state": state, "total": state, "per_MDL": state / (self.M * self.C * (self.max_len or 1))}
-
-    def _check_mixer(self, m) -> int:
-        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.M:
-            raise ValueError(f"ModalRecurrence: mixer index must be an int in [0, {self.M}), got {m!r}")
-        return m
-
-    def _check_tensor(self, name: str, x, shape: tuple) -> None:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"ModalRecurrence: {name} must be a tensor, got {type(x).__name__}")
-        if tuple(x.shape) != shape:
-            raise ValueError(f"ModalRecurrence: {name} must have shape {shape}, got {tuple(x.shape)}")
-        if x.dtype != self.dtype:
-            raise ValueError(f"ModalRecurrence: {name} must be {self.dtype}, got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"ModalRecurrence: {name} must be on {self.device}, got {x.device}")
-
-    def _check_can_step(self, mixers) -> None:
-        missing = [m for m in mixers if not self._prefilled[m]]
-        if missing:
-            raise RuntimeError(f"ModalRecurrence: step before prefill for mixer(s) {missing}; call prefill(m, u) "
-                               "first (a prompt of length 0 starts an empty sequence)")
-        if self.max_len is not None and self._position >= self.max_len:
-            raise RuntimeError(f"ModalRecurrence: step past max_len={self.max_len}")
 
     # ---------------------------------------------------------------- prompt
     def impulse_response(self, m: int, length: int) -> Tensor:
@@ -167,55 +130,10 @@ class ModalRecurrence:
             self._h_cache = cached
         return cached[m, :, :length]
 
-    def prefill(self, m: int, u: Tensor) -> Tensor:
-        """y (B, C, P) for the prompt u (B, C, P) of mixer m; its state becomes the state after u."""
-        m = self._check_mixer(m)
-        P = u.shape[-1] if isinstance(u, Tensor) and u.dim() == 3 else -1
-        self._check_tensor("prefill input u", u, (self.B, self.C, max(P, 0)))
-        if self.max_len is not None and P > self.max_len:
-            raise ValueError(f"ModalRecurrence: prompt of length {P} is longer than max_len={self.max_len}")
-        if self._prompt_len is not None:
-            if self._position != self._prompt_len or self._stepped:
-                raise RuntimeError("ModalRecurrence: prefill after decoding started; call reset() first")
-            if P != self._prompt_len:
-                raise ValueError(f"ModalRecurrence: every mixer's prompt must have length {self._prompt_len}, got {P}")
-        y = modal_prompt_output(u, self.impulse_response(m, P)) if P else u.clone()
+    def _prefill(self, m: int, u: Tensor, P: int) -> Tensor:
+        """The prompt's outputs; the mixer's state becomes the state after u."""
         self.S[m] = modal_state(u, self.poles64[m], work_bytes=self.work_bytes) if P else 0
-        if self._prompt_len is None:
-            self._prompt_len = self._position = P
-            self.pos.fill_(P)
-        self._prefilled[m] = True
-        return y
-
-    def prefill_all(self, u: Tensor) -> Tensor:
-        """prefill(m, u[m]) for every mixer: u (M, B, C, P) -> y (M, B, C, P)."""
-        if not isinstance(u, Tensor) or u.dim() != 4 or u.shape[0] != self.M:
-            raise ValueError(f"ModalRecurrence: prefill_all wants u of shape (M={self.M}, B, C, P)")
-        return torch.stack([self.prefill(m, u[m]) for m in range(self.M)])
-
-    # ---------------------------------------------------------------- step
-    def step(self, m: int, u_t: Tensor, out: Tensor | None = None) -> Tensor:
-        """y_t (B, C) of mixer m at the current position; its state moves past u_t."""
-        m = self._check_mixer(m)
-        self._check_tensor("step input u_t", u_t, (self.B, self.C))
-        if out is not None:
-            self._check_tensor("step output", out, (self.B, self.C))
-        self._check_can_step([m])
-        y = torch.empty_like(u_t) if out is None else out
-        self._step(u_t[None], y[None], m, 1)
-        self._stepped.add(m)
-        return y
-
-    def step_all(self, u: Tensor, out: Tensor | None = None) -> Tensor:
-        """step for every mixer in one launch: u (M, B, C) -> y (M, B, C) (independent mixers only)."""
-        self._check_tensor("step_all input u", u, (self.M, self.B, self.C))
-        if out is not None:
-            self._check_tensor("step_all output", out, (self.M, self.B, self.C))
-        self._check_can_step(range(self.M))
-        y = torch.empty_like(u) if out is None else out
-        self._step(u, y, 0, self.M)
-        self._stepped.update(range(self.M))
-        return y
+        return modal_prompt_output(u, self.impulse_response(m, P)) if P else u.clone()
 
     def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
         if self.backend == "triton":
@@ -255,19 +173,6 @@ class ModalRecurrence:
             self.S.copy_(saved[0])
             self.pos.copy_(saved[1])
             self._stepped.clear()
-
-    def advance(self, launch: bool = True, check: bool = True) -> None:
-        """Move to the next position (after every mixer stepped, unless check=False)."""
-        if not all(self._prefilled):
-            raise RuntimeError(f"ModalRecurrence: advance before prefill of mixer(s) "
-                               f"{[m for m in range(self.M) if not self._prefilled[m]]}")
-        if self.max_len is not None and self._position >= self.max_len:
-            raise RuntimeError(f"ModalRecurrence: advance past max_len={self.max_len}")
-        if check and len(self._stepped) < self.M:
-            raise RuntimeError(f"ModalRecurrence: advance before mixer(s) "
-                               f"{sorted(set(range(self.M)) - self._stepped)} stepped at position {self._position}")
-        self._position += 1
-        self._stepped.clear()
 
     def __repr__(self) -> str:
         return (f"ModalRecurrence(M={self.M}, C={self.C}, n={self.n}, B={self.B}, dtype={self.dtype}, "

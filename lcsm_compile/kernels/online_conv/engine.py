@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..step_engine import StepEngine, resolve_backend
 from . import fft_tiles
 from .reference import compute_dtype
 from .schedule import default_tiles, level_at, num_levels, tile_at
@@ -54,7 +55,7 @@ from .schedule import default_tiles, level_at, num_levels, tile_at
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class OnlineConv:
+class OnlineConv(StepEngine):
     def __init__(self, filters: Tensor, batch: int, max_len: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, *, direct_max: int | None = None,
                  dot_min: int | None = None, backend: str = "auto", work_bytes: int = 1 << 29):
@@ -66,14 +67,9 @@ class OnlineConv:
         self.dtype = dtype or filters.dtype
         if self.dtype not in _FLOATS:
             raise ValueError(f"OnlineConv: state dtype must be one of {_FLOATS}, got {self.dtype}")
-        self.device = torch.device(device) if device is not None else filters.device
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" and self.dtype != torch.float64 else "torch"
-        if backend not in ("torch", "triton") or (backend == "triton" and self.dtype == torch.float64):
-            raise ValueError(f"OnlineConv: backend must be 'torch' or 'triton' (no fp64), got {backend!r}")
-        self.backend = backend
+        self.device, self.backend = resolve_backend(
+            "OnlineConv", torch.device(device) if device is not None else filters.device, self.dtype, backend)
+        backend = self.backend
         self.M, self.D, K = filters.shape
         self.B, self.max_len = int(batch), int(max_len)
         self.cdtype = compute_dtype(self.dtype)
@@ -97,22 +93,10 @@ class OnlineConv:
         self._tile_graphs = None
         self.reset()
 
-    # ---------------------------------------------------------------- host state
+    # ---------------------------------------------------------------- host state (StepEngine)
     @property
-    def position(self) -> int:
-        return self._position
-
-    @property
-    def prompt_len(self) -> int | None:
-        return self._prompt_len
-
-    def reset(self) -> None:
-        """Back to before the prompt. Buffers are kept (and captured graphs stay valid)."""
-        self._position = 0
-        self._prompt_len: int | None = None
-        self._prefilled = [False] * self.M
-        self._stepped: set[int] = set()
-        self.pos.zero_()
+    def channels(self) -> int:
+        return self.D
 
     def scratch_position(self):
         """Context: device work inside runs at position max_len - 2 and is undone on exit (graph
@@ -128,87 +112,16 @@ class OnlineConv:
         return {"history": self.X.numel(), "accumulators": self.A.numel(), "spectra": spectra,
                 "total": total, "per_MDL": total / (self.M * self.D * self.max_len)}
 
-    def _check_mixer(self, m) -> int:
-        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.M:
-            raise ValueError(f"OnlineConv: mixer index must be an int in [0, {self.M}), got {m!r}")
-        return m
-
-    def _check_tensor(self, name: str, x, shape: tuple, dtype: torch.dtype | None = None) -> None:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"OnlineConv: {name} must be a tensor, got {type(x).__name__}")
-        if tuple(x.shape) != shape:
-            raise ValueError(f"OnlineConv: {name} must have shape {shape}, got {tuple(x.shape)}")
-        if x.dtype != (dtype or self.dtype):
-            raise ValueError(f"OnlineConv: {name} must be {dtype or self.dtype}, got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"OnlineConv: {name} must be on {self.device}, got {x.device}")
-
-    def _check_can_step(self, mixers) -> None:
-        missing = [m for m in mixers if not self._prefilled[m]]
-        if missing:
-            raise RuntimeError(f"OnlineConv: step before prefill for mixer(s) {missing}; call prefill(m, u) "
-                               "first (a prompt of length 0 starts an empty sequence)")
-        if self._position >= self.max_len:
-            raise RuntimeError(f"OnlineConv: step past max_len={self.max_len}")
-
-    # ---------------------------------------------------------------- prompt
-    def prefill(self, m: int, u: Tensor) -> Tensor:
-        """y (B, D, P) for the prompt u (B, D, P) of mixer m; A[m, ..., P:] gets its contribution."""
-        m = self._check_mixer(m)
-        P = u.shape[-1] if isinstance(u, Tensor) and u.dim() == 3 else -1
-        self._check_tensor("prefill input u", u, (self.B, self.D, max(P, 0)))
-        if P > self.max_len:
-            raise ValueError(f"OnlineConv: prompt of length {P} is longer than max_len={self.max_len}")
-        if self._prompt_len is not None:
-            if self._position != self._prompt_len or self._stepped:
-                raise RuntimeError("OnlineConv: prefill after decoding started; call reset() first")
-            if P != self._prompt_len:
-                raise ValueError(f"OnlineConv: every mixer's prompt must have length {self._prompt_len}, got {P}")
+    # ---------------------------------------------------------------- prompt and step
+    def _prefill(self, m: int, u: Tensor, P: int) -> Tensor:
+        """A[m, ..., P:] gets the prompt's contribution; the history holds it."""
         if P == 0:
-            y = u.clone()
             self.A[m].zero_()
-        else:
-            full = fft_tiles.prompt_convolution(u, self.h[m], self.max_len, self.work_bytes)
-            y = full[..., :P].to(self.dtype)
-            self.A[m, ..., P:] = full[..., P:]
-            self.X[m, ..., :P] = u
-        if self._prompt_len is None:
-            self._prompt_len = self._position = P
-            self.pos.fill_(P)
-        self._prefilled[m] = True
-        return y
-
-    def prefill_all(self, u: Tensor) -> Tensor:
-        """prefill(m, u[m]) for every mixer: u (M, B, D, P) -> y (M, B, D, P)."""
-        if not isinstance(u, Tensor) or u.dim() != 4 or u.shape[0] != self.M:
-            raise ValueError(f"OnlineConv: prefill_all wants u of shape (M={self.M}, B, D, P)")
-        self._check_tensor("prefill input u", u, (self.M, self.B, self.D, u.shape[-1]))
-        return torch.stack([self.prefill(m, u[m]) for m in range(self.M)])
-
-    # ---------------------------------------------------------------- step
-    def step(self, m: int, u_t: Tensor, out: Tensor | None = None) -> Tensor:
-        """y_t (B, D) of mixer m at the current position; stores u_t (B, D) in the history."""
-        m = self._check_mixer(m)
-        self._check_tensor("step input u_t", u_t, (self.B, self.D))
-        if out is not None:
-            self._check_tensor("step output", out, (self.B, self.D))
-        self._check_can_step([m])
-        y = torch.empty_like(u_t) if out is None else out
-        self._step(u_t[None], y[None], m, 1)
-        self._stepped.add(m)
-        return y
-
-    def step_all(self, u: Tensor, out: Tensor | None = None) -> Tensor:
-        """step for every mixer in one launch: u (M, B, D) -> y (M, B, D). Only where the mixers'
-        inputs do not depend on each other's outputs (benchmarks, independent heads)."""
-        self._check_tensor("step_all input u", u, (self.M, self.B, self.D))
-        if out is not None:
-            self._check_tensor("step_all output", out, (self.M, self.B, self.D))
-        self._check_can_step(range(self.M))
-        y = torch.empty_like(u) if out is None else out
-        self._step(u, y, 0, self.M)
-        self._stepped.update(range(self.M))
-        return y
+            return u.clone()
+        full = fft_tiles.prompt_convolution(u, self.h[m], self.max_len, self.work_bytes)
+        self.A[m, ..., P:] = full[..., P:]
+        self.X[m, ..., :P] = u
+        return full[..., :P].to(self.dtype)
 
     def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
         if self.backend == "triton":
@@ -227,26 +140,13 @@ class OnlineConv:
             raise RuntimeError("OnlineConv: no prompt yet; call prefill first")
         return level_at(self._position, self._prompt_len, self.max_len)
 
-    def advance(self, launch: bool = True, check: bool = True) -> None:
-        """Run the tiles of all mixers for the current position, then move to the next one.
-        launch=False: bookkeeping only (the tiles were replayed elsewhere). check=False: skip the
-        check that every mixer stepped (for steps replayed inside a caller's CUDA graph)."""
-        if not all(self._prefilled):
-            raise RuntimeError(f"OnlineConv: advance before prefill of mixer(s) "
-                               f"{[m for m in range(self.M) if not self._prefilled[m]]}")
-        if self._position >= self.max_len:
-            raise RuntimeError(f"OnlineConv: advance past max_len={self.max_len}")
-        if check and len(self._stepped) < self.M:
-            raise RuntimeError(f"OnlineConv: advance before mixer(s) "
-                               f"{sorted(set(range(self.M)) - self._stepped)} stepped at position {self._position}")
-        if launch:
-            level = self.tile_level()
-            if self._tile_graphs is not None:
-                self._tile_graphs[level].replay()
-            else:
-                self.run_tiles(level)
-        self._position += 1
-        self._stepped.clear()
+    def _advance_device(self) -> None:
+        """The tiles of all mixers for the current position (replayed graphs once captured)."""
+        level = self.tile_level()
+        if self._tile_graphs is not None:
+            self._tile_graphs[level].replay()
+        else:
+            self.run_tiles(level)
 
     def run_tiles(self, level: int) -> None:
         """The device work of one tile level for all mixers. In the Triton path it reads the
