@@ -57,24 +57,12 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction")
         out = node.meta.get("val")
         if rows is None or rows > max_rows or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
             continue
-        if kernel == "triton":
-            with graph.inserting_before(node):
-                y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
-            y.meta["val"] = out
-            node.replace_all_uses_with(y)
-            graph.erase_node(node)
-            count += 1
-            continue
-        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
         with graph.inserting_before(node):
-            xs = graph.call_function(aten.unsqueeze.default, (graph.call_function(
-                aten._to_copy.default, (x,), {"dtype": acc}), 2))
-            ws = graph.call_function(aten.unsqueeze.default, (graph.call_function(
-                aten._to_copy.default, (w,), {"dtype": acc}), 0))
-            y = graph.call_function(aten.sum.dim_IntList, (graph.call_function(aten.mul.Tensor, (xs, ws)), [1]))
-            if bias is not None:
-                y = graph.call_function(aten.add.Tensor, (y, bias))
-            y = graph.call_function(aten._to_copy.default, (y,), {"dtype": out.dtype})
+            if kernel == "triton":
+                y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
+                y.meta["val"] = out
+            else:
+                y = _reduction(graph, x, w, bias, out.dtype)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         count += 1
@@ -82,3 +70,15 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction")
         graph.lint()
         gm.recompile()
     return count
+
+
+def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dtype: torch.dtype) -> fx.Node:
+    """sum_k x[m, k] w[k, n] (+ bias) in fp32 (fp64 for fp64), cast back to the product's dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    call = graph.call_function
+    xs = call(aten.unsqueeze.default, (call(aten._to_copy.default, (x,), {"dtype": acc}), 2))
+    ws = call(aten.unsqueeze.default, (call(aten._to_copy.default, (w,), {"dtype": acc}), 0))
+    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
+    if bias is not None:
+        y = call(aten.add.Tensor, (y, bias))
+    return call(aten._to_copy.default, (y,), {"dtype": dtype})
