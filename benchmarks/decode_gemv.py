@@ -41,7 +41,9 @@ def inductor_reduction(x, w, b):
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
     from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
 
-    gm = make_fx(lambda x, w, b: torch.addmm(b, x, w))(x, w, b)
+    # a tuple out, so that [0] below is the product (of a bare tensor it would be row 0, which
+    # broadcasts against the reference at M = 1 and hid the mistake until M = 8)
+    gm = make_fx(lambda x, w, b: (torch.addmm(b, x, w),))(x, w, b)
     assert decompose_gemv(gm, max_rows=x.shape[0]) == 1
     with config.patch(COMPILE_OPTIONS):
         fn = compile_fx(gm, [x, w, b])
