@@ -247,6 +247,22 @@ def test_reduce_overhead_prefill_on_gpu():
     assert _rewrites() > 0
 
 
+@pytest.mark.gpu
+def test_reduce_overhead_prefill_dynamic_length_on_gpu():
+    """A second length recompiles with a dynamic L, and each new length meets a new FFT size
+    inside a CUDA-graph warm-up: its filter spectrum must not be left in the graph's pool."""
+    entry = ZOO["hyena_lm"]
+    model = entry.build().cuda()
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", mode="reduce-overhead")
+    with torch.no_grad():
+        for L in (300, 517, 517, 517, 1000, 1000, 1000, 300):
+            inputs = [x.cuda() for x in entry.make_inputs(model, 2, L, torch.Generator().manual_seed(L))]
+            y, ref = compiled(*inputs).clone(), model(*inputs)
+            assert _rel(y, ref) <= 1e-4, L
+    assert _rewrites() > 0
+
+
 @pytest.mark.slow
 def test_inductor_dynamic_length_with_inlined_short_convs():
     """The shifted products need no static length: one dynamic inductor compile serves several."""

@@ -3,6 +3,7 @@
 On CPU the kernels run in the Triton interpreter (program by program): sizes stay small.
 """
 import math
+import threading
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from lcsm_compile.kernels.fftconv import (
     torch_fft_conv,
 )
 from lcsm_compile.kernels.fftconv.spectrum import _CACHE
+from lcsm_compile.kernels.graph_pools import build_outside_graph_pools, run_on_helper_thread
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -129,6 +131,43 @@ def test_spectrum_cache_hits_and_invalidates():
     assert cached_spectrum(view, 100, plan) is s2
     del h, view, s1, s2
     assert len(_CACHE.entries) == 0                            # entries die with their filter
+
+
+def test_helper_thread_returns_raises_and_drops_grad():
+    main = threading.current_thread()
+    seen = {}
+
+    def build():
+        seen["thread"], seen["grad"] = threading.current_thread(), torch.is_grad_enabled()
+        return torch.ones(2) * 3
+
+    assert torch.equal(run_on_helper_thread(build), torch.full((2,), 3.0))
+    assert seen["thread"] is not main and seen["grad"] is False
+
+    def fail():
+        raise ValueError("no spectrum")
+
+    with pytest.raises(ValueError, match="no spectrum"):
+        run_on_helper_thread(fail)
+
+
+@pytest.mark.gpu
+def test_cache_entries_escape_a_thread_routed_pool():
+    """What cudagraph trees do in a warm-up (route this thread's allocations to a private pool),
+    done with a MemPool: an entry built through build_outside_graph_pools lands outside it."""
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        inside = torch.empty(1 << 20, device="cuda")
+        outside = build_outside_graph_pools(torch.device("cuda"), lambda: torch.empty(1 << 20, device="cuda"))
+    segments = [(s["address"], s["address"] + s["total_size"]) for s in pool.snapshot()]
+    assert any(a <= inside.data_ptr() < b for a, b in segments)
+    assert not any(a <= outside.data_ptr() < b for a, b in segments)
+
+
+def test_cpu_cache_entries_are_built_in_place():
+    seen = []
+    value = build_outside_graph_pools(torch.device("cpu"), lambda: seen.append(threading.current_thread()) or 7)
+    assert value == 7 and seen == [threading.current_thread()]
 
 
 def test_torch_fft_path_with_cached_filter():

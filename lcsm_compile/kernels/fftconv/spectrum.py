@@ -16,7 +16,8 @@ an entry is used only while that very tensor is alive and its version counter ha
 so freed-and-reused memory or an in-place update can never serve a stale spectrum, and an entry
 disappears with its filter. The backend need do nothing more than keep the folded filter
 alive; it runs each static-shape conv once at compile time (dispatch.prime_filter_caches), so the
-spectra exist before a CUDA-graph warm-up could allocate them in its private pool. Inference
+spectra exist before the first call; a dynamic-length graph meets new FFT sizes at run time, and
+those spectra are built off the CUDA-graph pools (build_outside_graph_pools). Inference
 tensors have no version counter: they are guarded by identity alone (an in-place update under
 inference_mode would not be seen).
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..graph_pools import build_outside_graph_pools
 from .plan import FFTPlan, conv_size, make_plan
 
 __all__ = ["FilterSpectrum", "prepare_filter", "cached_spectrum", "cached_rfft", "spectrum_planes",
@@ -111,7 +113,7 @@ class _SpectrumCache:
             self.hits += 1
             return entry.value
         self.misses += 1
-        value = build()
+        value = build_outside_graph_pools(h.device, build)
 
         def drop(_ref, key=key):
             e = self.entries.get(key)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..graph_pools import build_outside_graph_pools
 from .plan import FFTPlan
 
 __all__ = ["DFTTables", "dft_tables", "dft_matrix", "twiddles"]
@@ -60,6 +61,11 @@ def dft_tables(plan: FFTPlan, dtype: torch.dtype, device: torch.device | str) ->
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
+    tables = _TABLES[key] = build_outside_graph_pools(device, lambda: _build(plan, dtype, device))
+    return tables
+
+
+def _build(plan: FFTPlan, dtype: torch.dtype, device: torch.device) -> DFTTables:
     f1 = _planes3(dft_matrix(plan.m1), dtype, device)
     f2 = _planes3(dft_matrix(plan.m2), dtype, device)
     tw = _planes2(twiddles(plan.m1, plan.m2, plan.m), device)
@@ -69,6 +75,4 @@ def dft_tables(plan: FFTPlan, dtype: torch.dtype, device: torch.device | str) ->
     else:
         fr = torch.zeros(1, dtype=dtype, device=device)
         tw_outer = torch.zeros(1, dtype=torch.float32, device=device)
-    tables = DFTTables(f1, f2, tw, fr, tw_outer)
-    _TABLES[key] = tables
-    return tables
+    return DFTTables(f1, f2, tw, fr, tw_outer)
