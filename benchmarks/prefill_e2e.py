@@ -24,6 +24,8 @@ import lcsm_compile
 from lcsm_compile.backend import lcsm_backend
 from lcsm_compile.zoo import hyena_153m
 
+FP32_REF_BYTES = 16 << 30  # the fp32 forward's logits, kept beside the others while checking
+
 
 def bench_ms(fn, reps: int = 10) -> float:
     import triton.testing  # noqa: PLC0415
@@ -64,11 +66,20 @@ def main() -> None:
             ids = torch.randint(0, 50257, (args.batch, L), device="cuda")
             ref = model(ids)
             row = {"L": L, "batch": args.batch}
+            # Under autocast, eager itself is off the fp32 model by bf16 round-off through 18 layers
+            # (~1e-2): the fp32 forward tells whether a compiled runner is further off than eager.
+            ref32 = None
+            if args.dtype == "autocast-bf16" and ref.numel() * 4 <= FP32_REF_BYTES:
+                with torch.autocast("cuda", enabled=False):
+                    ref32 = model(ids)
             lcsm_compile.counters.clear()
             for name, fn in runners.items():
                 for _ in range(3):  # reduce-overhead: warm-up and recording runs first
                     y = fn(ids)
                 row[f"{name}_rel_err"] = rel(y, ref)
+                if ref32 is not None:
+                    row[f"{name}_rel_err_vs_fp32"] = rel(y, ref32)
+            del ref32
             row["lcsm_rewrites"] = sum(lcsm_compile.counters["rewrite"].values())
             # Every layer's long and short convolution: fewer means lcsm fell back somewhere, and the
             # row would time a partly rewritten model (as on 2026-12-01, under autocast).
@@ -160,15 +171,23 @@ def plot_and_table(args, result: dict, runners: list) -> None:
     print("\n" + summary(result))
 
 
+def _fp32_errs(r: dict) -> str:
+    if "lcsm_rel_err_vs_fp32" not in r:
+        return "-"
+    return f"{r['eager_rel_err_vs_fp32']:.1e}/{r['lcsm_rel_err_vs_fp32']:.1e}"
+
+
 def summary(result: dict) -> str:
     """The table; also what `lcsm-compile bench --show prefill_e2e` prints."""
     lines = [f"{result['device']} | torch {result['torch']} | triton {result['triton']} | {result['date']} | "
              f"{result['dtype']} B={result.get('batch')} mode={result.get('mode', 'default')}",
              f"{'L':>7} {'eager ms':>9} {'inductor':>9} {'lcsm':>9} {'vs eager':>9} {'vs ind':>7} {'err lcsm':>9} "
+             f"{'fp32 err eager/lcsm':>19} "
              f"{'rewrites':>8}"]
     for r in result["rows"]:
         lines.append(f"{r['L']:>7} {r['eager_ms']:>9.2f} {r['inductor_ms']:>9.2f} {r['lcsm_ms']:>9.2f} "
                      f"{r['lcsm_vs_eager']:>8.2f}x {r['lcsm_vs_inductor']:>6.2f}x {r['lcsm_rel_err']:>9.1e} "
+                     f"{_fp32_errs(r):>19} "
                      f"{r['lcsm_rewrites']:>8}")
     if result.get("note"):
         lines.append(f"note: {result['note']}")
