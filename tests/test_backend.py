@@ -250,7 +250,13 @@ def test_reduce_overhead_prefill_on_gpu():
 @pytest.mark.gpu
 def test_reduce_overhead_prefill_dynamic_length_on_gpu():
     """A second length recompiles with a dynamic L, and each new length meets a new FFT size
-    inside a CUDA-graph warm-up: its filter spectrum must not be left in the graph's pool."""
+    inside a CUDA-graph warm-up: its DFT tables and filter spectra must not be left in the
+    graph's pool (the caches start empty, so that earlier tests cannot have filled them)."""
+    from lcsm_compile.kernels.fftconv import clear_cache
+    from lcsm_compile.kernels.fftconv.tables import _TABLES
+
+    clear_cache()
+    _TABLES.clear()
     entry = ZOO["hyena_lm"]
     model = entry.build().cuda()
     lcsm_compile.counters.clear()
