@@ -4,11 +4,13 @@ import math
 import warnings
 
 import pytest
+import sympy
 import torch
 import torch.nn as nn
 
 import lcsm_compile
 import lcsm_compile.backend as backend
+from lcsm_compile.passes.recheck_lengths import first_wrap_length
 from lcsm_compile.passes.verify import filter_extent
 from lcsm_compile.settings import Settings
 from lcsm_compile.zoo import ZOO
@@ -69,6 +71,28 @@ class FixedFFTSize(nn.Module):
         return y.transpose(1, 2)
 
 
+class MarginFFTConv(nn.Module):
+    """FFT size L + margin with a filter cut to L (max_len taps): linear while the filter has at
+    most margin + 1 taps, i.e. L <= margin + 1; past that the last lags wrap onto the first
+    outputs. Captured at L = 30, the verifier's sampled lengths (45, 20, 2) all fall below 66."""
+
+    def __init__(self, margin: int = 64, max_len: int = 256, taps: int | None = None):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        t = torch.arange(max_len).float()
+        h = torch.randn(D, max_len, generator=g) * torch.exp(-t / 200) / 4
+        if taps is not None:
+            h[:, taps:] = 0
+        self.h, self.margin = nn.Parameter(h), margin
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        L = u.shape[-1]
+        n = L + self.margin
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.h[:, :L], n=n), n=n)[..., :L]
+        return y.transpose(1, 2)
+
+
 def _reads_future(model, L) -> bool:
     """Whether changing the second half of the input changes the first half of the output."""
     x = torch.randn(2, L, D, generator=torch.Generator().manual_seed(L))
@@ -82,6 +106,7 @@ def _reads_future(model, L) -> bool:
 CASES = {
     "fixed_filter_at_2L": (FixedFilterAt2L, 64, 40),
     "fixed_fft_size": (FixedFFTSize, 40, 60),
+    "fft_size_with_a_margin": (MarginFFTConv, 30, 100),  # first wraps at L = 66
 }
 
 
@@ -106,6 +131,40 @@ def test_causal_at_capture_length_but_not_at_another_is_not_rewritten(name):
             torch._dynamo.mark_dynamic(xl, 1)
             assert _rel(compiled(xl), model(xl)) <= 1e-6, L
     assert _rewrites() == 0
+
+
+def test_margin_wrap_is_found_at_its_first_length():
+    x = torch.randn(2, 30, D, generator=torch.Generator().manual_seed(0))
+    report = lcsm_compile.explain(MarginFFTConv().eval(), x)
+    assert [u.reason for u in report.unsupported] == ["non-causal at L=66: reads future positions"], str(report)
+
+
+def test_margin_enough_for_the_filter_still_rewritten():
+    """The wrap length is where to look, not a verdict: a 40-tap filter never reaches the margin."""
+    model = MarginFFTConv(taps=40).eval()
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", dynamic=True, options=EAGER)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback
+        for L in (30, 100, 200):
+            x = torch.randn(2, L, D, generator=torch.Generator().manual_seed(L))
+            assert _rel(compiled(x), model(x)) <= 1e-5, L
+    assert _rewrites() >= 1  # no fallback warning above: every graph was rewritten
+
+
+@pytest.mark.parametrize("n, lower, upper, first", [
+    ("L + 64", 2, 256, 66),     # 2L - 1 overtakes L + 64 at L = 66
+    ("2*L", 2, 1 << 20, None),  # never short
+    ("2*L - 1", 2, 1 << 20, None),
+    ("64", 2, 1000, 33),        # a constant size: from n // 2 + 1 on
+    ("64", 40, 1000, 40),       # already short at the least admitted length
+    ("64", 2, 20, None),        # the guards stop L before it wraps
+    ("L + 100*B", 2, 1 << 20, 302),  # another symbol at its hint (B = 3)
+])
+def test_first_wrap_length(n, lower, upper, first):
+    L, B = sympy.Symbol("L"), sympy.Symbol("B")
+    expr = sympy.sympify(n, locals={"L": L, "B": B})
+    assert first_wrap_length(expr, L, lower, upper, {B: sympy.Integer(3)}) == first
 
 
 def test_causal_at_every_length_still_rewritten_dynamic():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sympy
 import torch
 from torch import Tensor, fx
 
@@ -29,6 +28,7 @@ from ..ops import causal_conv_fft, causal_conv_reference
 from ..settings import Settings
 from .capture import CapturedGraph, sym_expr
 from .match import Rejection
+from .recheck_lengths import recheck_lengths
 from .region import Region, RegionFunction, depends_on, foreign_inputs
 
 __all__ = ["Mixer", "filter_extent", "verify_region", "verify", "to_canonical", "from_canonical"]
@@ -271,65 +271,12 @@ def _probe_error(fn, u: Tensor, c: Tensor, h: Tensor, axis, bcast, chan) -> tupl
     return got, _rel(got, from_canonical(want, u.shape, axis, bcast, chan))
 
 
-def _length_admitted(size, L2: int) -> bool:
-    """Whether the graph's shape guards hold with the time size `size` (a SymInt) at L2 and every
-    other size at its hint: a graph traced through min(4, L) is guarded to L >= 4, and outside
-    its guards it never runs. Guards that cannot be decided count as holding."""
-    node = getattr(size, "node", None)
-    env = getattr(node, "shape_env", None)
-    sym = getattr(node, "expr", None)
-    if env is None or not isinstance(sym, sympy.Symbol):
-        return True
-    rng = env.var_to_range.get(sym)
-    if rng is not None and not (rng.lower <= L2 <= rng.upper):
-        return False
-    hints = dict(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
-    hints[sym] = sympy.Integer(L2)
-    for guard in env.guards:
-        try:
-            value = guard.expr.xreplace(hints)
-        except Exception:  # noqa: BLE001 - an expression sympy cannot substitute: undecided
-            continue
-        if value is sympy.false or value is False:
-            return False
-    return True
-
-
-def _range_lower(size) -> int:
-    """The least value the shape env allows the time size (a SymInt), 2 when unknown."""
-    node = getattr(size, "node", None)
-    env, sym = getattr(node, "shape_env", None), getattr(node, "expr", None)
-    rng = env.var_to_range.get(sym) if env is not None and isinstance(sym, sympy.Symbol) else None
-    try:
-        return max(2, int(rng.lower)) if rng is not None else 2
-    except (TypeError, ValueError):
-        return 2
-
-
-def _other_lengths(L: int, admitted, lower: int = 2) -> list[int]:
-    """Where a dynamic-L region is re-checked: longer, shorter, and the shortest length the graph's
-    guards admit (from 2: a fixed-length filter transformed at 2L wraps around at short lengths
-    first). Lengths the guards exclude are skipped (the graph never runs there)."""
-    out: list[int] = []
-    for L2 in (L + max(3, L // 2), L - L // 3):
-        if L2 >= 2 and L2 != L and admitted(L2):
-            out.append(L2)
-    lo = max(2, lower)
-    shortest = next((n for n in range(lo, min(L, lo + 32)) if admitted(n)), None)
-    if shortest is not None and shortest not in out:
-        out.append(shortest)
-    return out
-
-
 def _check_lengths(cg, mixer: Mixer, shape, dtype, device, tol, probes: bool = True) -> None:
     L = shape[mixer.axis]
     if cg.symbolic:
         size = mixer.region.u.meta["val"].shape[mixer.axis]
-        for L2 in _other_lengths(L, lambda n: _length_admitted(size, n), _range_lower(size)):
-            # Prefix and probe at the longer and shorter length; causality everywhere (a prefix of
-            # a few taps at the shortest length says little).
-            full = probes and L2 >= L - L // 3
-            _check_at_length(mixer, shape, L2, dtype, device, tol, full)
+        for L2, full in recheck_lengths(L, size, mixer.fn.nodes):
+            _check_at_length(mixer, shape, L2, dtype, device, tol, probes and full)
         return
     if not probes:
         return
