@@ -11,6 +11,8 @@ any state changes. Subclasses supply the device work: `_prefill(m, u, P) -> y`,
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -165,3 +167,18 @@ class StepEngine:
 
     def _advance_device(self) -> None:
         """The device work between two positions (none by default)."""
+
+    # ---------------------------------------------------------------- graph warm-ups
+    @contextmanager
+    def _restored(self, *state: Tensor):
+        """Device work inside (graph warm-ups and captures run real steps) leaves `state`, views
+        of what that work writes, as it was; the mixers count as not stepped afterwards."""
+        saved = [s.clone() for s in state]
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            for s, v in zip(state, saved, strict=True):
+                s.copy_(v)
+            self._stepped.clear()

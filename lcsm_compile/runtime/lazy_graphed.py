@@ -76,16 +76,9 @@ class GraphedLazyConv(StepEngine):
     def scratch_position(self):
         """Device work inside runs at position max_len - 2 and is undone on exit (graph warm-ups)."""
         t = max(self.max_len - 2, 0)
-        saved = (self.pos.clone(), self.X[..., t].clone())
-        self.pos.fill_(t)
-        try:
+        with self._restored(self.pos, self.X[..., t]):
+            self.pos.fill_(t)
             yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.pos.copy_(saved[0])
-            self.X[..., t] = saved[1]
-            self._stepped.clear()
 
     def capture_level(self, level: int | None) -> None:
         """The level whose token StepGraphs warms up or captures next (None: the host position's)."""

@@ -22,7 +22,6 @@ ValueError for bad arguments, RuntimeError for calls out of order (like `OnlineC
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -161,18 +160,9 @@ class ModalRecurrence(StepEngine):
     def capture_graphs(self) -> None:
         """Nothing to capture: the steps are position-independent launches."""
 
-    @contextmanager
     def scratch_position(self):
         """Device work inside (graph warm-ups, captures) leaves no trace: the state is restored."""
-        saved = (self.S.clone(), self.pos.clone())
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.S.copy_(saved[0])
-            self.pos.copy_(saved[1])
-            self._stepped.clear()
+        return self._restored(self.S, self.pos)
 
     def __repr__(self) -> str:
         return (f"ModalRecurrence(M={self.M}, C={self.C}, n={self.n}, B={self.B}, dtype={self.dtype}, "

@@ -100,7 +100,7 @@ class OnlineConv(StepEngine):
 
     def scratch_position(self):
         """Context: device work inside runs at position max_len - 2 and is undone on exit (graph
-        warm-ups and captures); ModalRecurrence has the same method."""
+        warm-ups and captures); every StepEngine has one (StepEngine._restored)."""
         from .graphs import scratch_position  # noqa: PLC0415 - graphs imports this module
 
         return scratch_position(self)

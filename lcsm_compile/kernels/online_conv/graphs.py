@@ -29,18 +29,10 @@ from .engine import OnlineConv
 def scratch_position(eng: OnlineConv):
     """Run device work at position max_len - 2 and undo what it wrote there."""
     t = max(eng.max_len - 2, 0)
-    saved = (eng.pos.clone(), eng.X[..., t].clone(), eng.A[..., t + 1 :].clone() if t + 1 < eng.max_len else None)
-    eng.pos.copy_(torch.tensor([t, t, 0], dtype=torch.int64))
-    try:
+    written = [eng.pos, eng.X[..., t]] + ([eng.A[..., t + 1 :]] if t + 1 < eng.max_len else [])
+    with eng._restored(*written):
+        eng.pos.copy_(torch.tensor([t, t, 0], dtype=torch.int64))
         yield
-    finally:
-        torch.cuda.synchronize(eng.device)
-        pos, x, a = saved
-        eng.pos.copy_(pos)
-        eng.X[..., t] = x
-        if a is not None:
-            eng.A[..., t + 1 :] = a
-        eng._stepped.clear()
 
 
 def _levels(eng: OnlineConv) -> list[int]:
