@@ -82,20 +82,29 @@ def first_wrap_length(n, symbol: sympy.Symbol, lower: int, upper: int, hints: di
     return L
 
 
+def _env_symbol(size):
+    """(shape env, time symbol) behind a SymInt time size; (None, None) if it is not a plain symbol."""
+    node = getattr(size, "node", None)
+    env, sym = getattr(node, "shape_env", None), getattr(node, "expr", None)
+    return (env, sym) if env is not None and isinstance(sym, sympy.Symbol) else (None, None)
+
+
+def _hints(env) -> dict:
+    """Every symbol's value at capture (the other sizes are held there)."""
+    return dict(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
+
+
 def _length_admitted(size, L2: int) -> bool:
     """Whether the graph's shape guards hold with the time size `size` (a SymInt) at L2 and every
     other size at its hint: a graph traced through min(4, L) is guarded to L >= 4, and outside
     its guards it never runs. Guards that cannot be decided count as holding."""
-    node = getattr(size, "node", None)
-    env = getattr(node, "shape_env", None)
-    sym = getattr(node, "expr", None)
-    if env is None or not isinstance(sym, sympy.Symbol):
+    env, sym = _env_symbol(size)
+    if env is None:
         return True
     rng = env.var_to_range.get(sym)
     if rng is not None and not (rng.lower <= L2 <= rng.upper):
         return False
-    hints = dict(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
-    hints[sym] = sympy.Integer(L2)
+    hints = {**_hints(env), sym: sympy.Integer(L2)}
     for guard in env.guards:
         try:
             value = guard.expr.xreplace(hints)
@@ -108,9 +117,8 @@ def _length_admitted(size, L2: int) -> bool:
 
 def _range_lower(size) -> int:
     """The least value the shape env allows the time size (a SymInt), 2 when unknown."""
-    node = getattr(size, "node", None)
-    env, sym = getattr(node, "shape_env", None), getattr(node, "expr", None)
-    rng = env.var_to_range.get(sym) if env is not None and isinstance(sym, sympy.Symbol) else None
+    env, sym = _env_symbol(size)
+    rng = env.var_to_range.get(sym) if env is not None else None
     try:
         return max(2, int(rng.lower)) if rng is not None else 2
     except (TypeError, ValueError):
@@ -140,9 +148,8 @@ def recheck_lengths(L: int, size, nodes: list[fx.Node]) -> list[tuple[int, bool]
     # Prefix and probe at the longer and shorter length; causality everywhere (a prefix of a few
     # taps at the shortest length says little).
     out = [(L2, L2 >= L - L // 3) for L2 in _other_lengths(L, admitted, lower)]
-    node = getattr(size, "node", None)
-    env, sym = getattr(node, "shape_env", None), getattr(node, "expr", None)
-    if env is None or not isinstance(sym, sympy.Symbol):
+    env, sym = _env_symbol(size)
+    if env is None:
         return out
     rng = env.var_to_range.get(sym)
     upper = MAX_WRAP_SEARCH
@@ -150,7 +157,7 @@ def recheck_lengths(L: int, size, nodes: list[fx.Node]) -> list[tuple[int, bool]
         upper = min(upper, int(rng.upper)) if rng is not None else upper
     except Exception:  # noqa: BLE001 - an unbounded range (sympy's or torch's infinity)
         pass
-    hints = dict(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
+    hints = _hints(env)
     seen = {L} | {L2 for L2, _ in out}
     for n in fft_sizes(nodes):
         first = first_wrap_length(n, sym, lower, upper, hints)
