@@ -89,21 +89,25 @@ def main() -> None:
     ap.add_argument("--gemv-rows", type=int, default=None, help="decode_gemv_rows option (default: the setting's)")
     ap.add_argument("--gemv-kernel", choices=["reduction", "triton"], default=None,
                     help="decode_gemv_kernel option (default: the setting's)")
+    ap.add_argument("--autocast", action="store_true", help="decoder built under bf16 autocast (weights cast once)")
     args = ap.parse_args()
     args.max_len = args.max_len or (512 if args.smoke else 4096)
     model = make_model(args.smoke, args.sine_freq)
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
     opts = options(args.smoke) | ({} if args.gemv_rows is None else {"decode_gemv_rows": args.gemv_rows})
     opts |= {} if args.gemv_kernel is None else {"decode_gemv_kernel": args.gemv_kernel}
-    dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
-    log(f"built {dec}")
-    out = dec.prefill(ids)
-    tok = out[:, -1].argmax(-1, keepdim=True)
-    for _ in range(2):  # the first step after a prefill captures the graphs
-        tok = dec.step(tok)[:, -1].argmax(-1, keepdim=True)
+    # the step programs hold the casts captured under autocast and switch it off themselves
+    with torch.autocast(DEV, dtype=torch.bfloat16, enabled=args.autocast):
+        dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
+        log(f"built {dec}")
+        out = dec.prefill(ids)
+        tok = out[:, -1].argmax(-1, keepdim=True)
+        for _ in range(2):  # the first step after a prefill captures the graphs
+            tok = dec.step(tok)[:, -1].argmax(-1, keepdim=True)
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
-              "max_len": args.max_len, "decoder": repr(dec), "options": opts, "profiles": {}}
+              "max_len": args.max_len, "decoder": repr(dec), "options": opts, "autocast": args.autocast,
+              "profiles": {}}
     try:
         import triton  # noqa: PLC0415
 
@@ -138,7 +142,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
     gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
-        "" if args.gemv_kernel is None else f"_{args.gemv_kernel}")
+        "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + ("_autocast" if args.autocast else "")
     (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
 
 
