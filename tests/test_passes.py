@@ -80,6 +80,31 @@ def test_verify_recovers_filter_and_skip():
     assert mx.bias is None and mx.bcast_dims == (0,)
 
 
+class BiasedFFTMixer(FFTMixer):
+    """A long conv plus a constant offset per channel: verify finds a bias."""
+
+    def forward(self, x):
+        L = x.shape[1]
+        u = self.proj(x).transpose(1, 2)
+        kf = torch.fft.rfft(self.k[:, :L], n=2 * L)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * kf, n=2 * L)[..., :L] + self.D[:, None]
+        return y.transpose(1, 2)
+
+
+def test_verified_mixers_own_only_their_filter_and_bias():
+    # The filter and bias are slices of (B, C, L) probe responses; as views they kept every one
+    # alive until fold (Hyena-153M, B = 8, L = 32768: 65 GB, an OOM on an H200).
+    model = BiasedFFTMixer()
+    cg = capture(model, torch.randn(3, 50, 4))
+    seq_axis(cg)
+    proposals, _ = match(cg)
+    (mx,), rejections = verify(cg, proposals, Settings())
+    assert not rejections and mx.bias is not None
+    torch.testing.assert_close(mx.bias, model.D.detach(), rtol=1e-5, atol=1e-6)
+    for t in (mx.h, mx.bias):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_verify_rejects_anticausal_filter():
     model = nn.Conv1d(4, 4, 5, padding=2, groups=4)
     cg = capture(nn.Sequential(Transpose(), model, Transpose()), torch.randn(2, 40, 4))
