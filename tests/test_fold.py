@@ -272,6 +272,8 @@ def test_fold_probes_with_batch_one_when_it_can(cls, monkeypatch):
     monkeypatch.setattr(type(mixers[0].fn), "apply", spy)
     kept, rejected = fold(cg, mixers, Settings())
     assert not rejected and kept[0].h.shape == (model.k.shape[0], model.max_len)
+    h = kept[0].h  # its own storage, not a row of the (5, D, max_len) probe response
+    assert h.untyped_storage().nbytes() == h.numel() * h.element_size()
     if cls is PerturbedFilter:
         assert batches == [1, 1]
     else:
