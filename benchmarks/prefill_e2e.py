@@ -76,6 +76,8 @@ def main() -> None:
             lcsm_compile.counters.clear()
             failed = []
             for name, fn in runners.items():
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
                 try:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
@@ -86,6 +88,8 @@ def main() -> None:
                     print(f"ERROR: {name} at L={L}: {row[f'{name}_error'][:300]}", flush=True)
                     failed.append(name)
                     continue
+                # compile plus three calls, over what the process already held (the model, ref)
+                row[f"{name}_peak_gb_over_held"] = (torch.cuda.max_memory_allocated() - before) / 1e9
                 # the backend's fallback warnings say why a graph was left unchanged
                 notes = sorted({str(w.message)[:600] for w in caught if str(w.message).startswith("lcsm")})
                 if notes:
