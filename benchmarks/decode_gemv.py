@@ -1,5 +1,6 @@
 """Decode-step matrix-vector products on Hyena-153M's shapes: cuBLAS vs inductor's fused reduction
-(what passes/decode_gemv.py emits today) vs the Triton GEMV (kernels/gemv.py).
+(what passes/decode_gemv.py emits today) vs the Triton GEMV (kernels/gemv.py), and the reduction
+split along K in 2 and 4 (an experiment for the pass).
 
     python benchmarks/decode_gemv.py [--rows 1 8] [--dtypes float32 bfloat16]
 
@@ -31,6 +32,7 @@ SHAPES = [("in_proj", 864, 2592), ("fc1", 864, 1728), ("fc2", 1728, 864), ("out_
           ("lm_head", 864, 50264)]
 L2_BYTES = 60 << 20  # H100 50 MB, H200 60 MB of L2: the copies of a weight exceed it
 # Triton compiles once per (blocks, dtype, rows) and reuses it across shapes: 12 configs stay cheap.
+SPLITS = (2, 4)  # split-K variants of the inductor reduction (K = 864 and 1728 divide by both)
 SWEEP = [(bn, bk, 4) for bn in (4, 8, 16, 32) for bk in (128, 256, 512)]
 
 
@@ -45,6 +47,26 @@ def inductor_reduction(x, w, b):
     # broadcasts against the reference at M = 1 and hid the mistake until M = 8)
     gm = make_fx(lambda x, w, b: (torch.addmm(b, x, w),))(x, w, b)
     assert decompose_gemv(gm, max_rows=x.shape[0]) == 1
+    with config.patch(COMPILE_OPTIONS):
+        fn = compile_fx(gm, [x, w, b])
+    return lambda x, w, b: fn(x, w, b)[0]
+
+
+def inductor_split_reduction(x, w, b, splits: int):
+    """The same reduction split along K (an experiment, not what the pass emits): partial sums
+    over K / splits, then over the splits. Two reductions give inductor splits x more outputs to
+    spread over the SMs; a candidate for the products whose single reduction reads slowly."""
+    from torch._inductor import config  # noqa: PLC0415
+    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+
+    def split(x, w, b):
+        M, K = x.shape
+        xs = x.float().reshape(M, splits, K // splits, 1)
+        ws = w.float().reshape(1, splits, K // splits, w.shape[1])
+        return ((xs * ws).sum(2).sum(1).add(b.float()).to(x.dtype),)
+
+    gm = make_fx(split)(x, w, b)
     with config.patch(COMPILE_OPTIONS):
         fn = compile_fx(gm, [x, w, b])
     return lambda x, w, b: fn(x, w, b)[0]
@@ -71,6 +93,9 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         "inductor": lambda W, b: inductor(x, W.t(), b),
         "triton": lambda W, b: gemv(x, W.t(), b),
     }
+    for S in SPLITS:
+        fn = inductor_split_reduction(x, Ws[0].t(), bs[0], S)
+        methods[f"split{S}"] = lambda W, b, fn=fn: fn(x, W.t(), b)
     row = {"name": name, "K": K, "N": N, "M": M, "dtype": str(dtype).removeprefix("torch."),
            "weight_mb": nbytes / 2**20, "copies": copies, "blocks": list(gemv_blocks(M, N, K))}
     for key, fn in methods.items():
@@ -88,23 +113,25 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         if best is None or t < best[0]:
             best = (t, blocks)
     row["triton_best_us"], row["triton_best_blocks"] = best[0], list(best[1])
-    for key in ("cublas", "inductor", "triton", "triton_best"):
+    for key in ("cublas", "inductor", "triton", "triton_best", *(f"split{S}" for S in SPLITS)):
         t = row.get(f"{key}_us")
         row[f"{key}_tbps"] = nbytes / (t * 1e-6) / 1e12 if t else None
     log(f"  {name:8s} {row['dtype']:8s} M={M}: " + "  ".join(
-        f"{k} {row[f'{k}_us']:.2f} us" for k in ("cublas", "inductor", "triton", "triton_best") if row.get(f"{k}_us")))
+        f"{k} {row[f'{k}_us']:.2f} us" for k in ("cublas", "inductor", "triton", "triton_best", *(f"split{S}" for S in SPLITS))
+        if row.get(f"{k}_us")))
     return row
 
 
 def table(report: dict) -> str:
     lines = [f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['date']}",
              f"{'shape':9s} {'dtype':8s} {'M':>2s} {'MB':>6s} | {'cuBLAS':>7s} {'inductor':>8s} {'triton':>7s} "
-             f"{'best':>7s} us | {'TB/s best':>9s} | best blocks"]
+             f"{'best':>7s} " + " ".join(f"{'split' + str(S):>7s}" for S in SPLITS) + f" us | {'TB/s best':>9s} | best blocks"]
     for r in report["rows"]:
         f = lambda v: f"{v:7.2f}" if v else "      -"  # noqa: E731
         tb = r.get("triton_best_tbps")
         lines.append(f"{r['name']:9s} {r['dtype']:8s} {r['M']:>2d} {r['weight_mb']:6.1f} | {f(r['cublas_us'])} "
-                     f"{f(r['inductor_us']):>8s} {f(r['triton_us'])} {f(r['triton_best_us'])}    | "
+                     f"{f(r['inductor_us']):>8s} {f(r['triton_us'])} {f(r['triton_best_us'])} "
+                     + " ".join(f(r.get(f"split{S}_us")) for S in SPLITS) + "    | "
                      f"{tb if tb is None else round(tb, 2)!s:>9s} | {r['triton_best_blocks']}")
     return "\n".join(lines)
 
