@@ -105,6 +105,20 @@ def test_verified_mixers_own_only_their_filter_and_bias():
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
+def test_verify_relative_error_in_chunks_equals_the_whole():
+    from lcsm_compile.passes.verify import _rel
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    want = float((a.double() - b.double()).norm() / b.double().norm())
+    for chunk in (1, 8, 104, 105, 1 << 24):  # 105 elements: chunks that do and do not divide it
+        assert abs(_rel(a, b, chunk=chunk) - want) <= 1e-12 * want
+    col = b[:, :, :1]  # broadcast against the whole, as verify's offset check does
+    b64, col64 = b.double(), col.double().expand_as(b)
+    assert abs(_rel(b, col) - float((b64 - col64).norm() / col64.norm())) < 1e-12
+    assert _rel(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
 def test_verify_rejects_anticausal_filter():
     model = nn.Conv1d(4, 4, 5, padding=2, groups=4)
     cg = capture(nn.Sequential(Transpose(), model, Transpose()), torch.randn(2, 40, 4))
