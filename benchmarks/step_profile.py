@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--gemv-rows", type=int, default=None, help="decode_gemv_rows option (default: the setting's)")
     ap.add_argument("--gemv-kernel", choices=["reduction", "triton"], default=None,
                     help="decode_gemv_kernel option (default: the setting's)")
+    ap.add_argument("--gemv-splits", type=int, default=None, help="decode_gemv_splits option (default: the setting's)")
     ap.add_argument("--autocast", action="store_true", help="decoder built under bf16 autocast (weights cast once)")
     args = ap.parse_args()
     args.max_len = args.max_len or (512 if args.smoke else 4096)
@@ -96,6 +97,7 @@ def main() -> None:
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
     opts = options(args.smoke) | ({} if args.gemv_rows is None else {"decode_gemv_rows": args.gemv_rows})
     opts |= {} if args.gemv_kernel is None else {"decode_gemv_kernel": args.gemv_kernel}
+    opts |= {} if args.gemv_splits is None else {"decode_gemv_splits": args.gemv_splits}
     # the step programs hold the casts captured under autocast and switch it off themselves
     with torch.autocast(DEV, dtype=torch.bfloat16, enabled=args.autocast):
         dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
@@ -142,7 +144,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
     gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
-        "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + ("_autocast" if args.autocast else "")
+        "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + (
+        "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + ("_autocast" if args.autocast else "")
     (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -46,6 +46,10 @@ class Settings:
     # What those products become: "reduction" (inductor's, tuned) or "triton" (kernels/gemv.py,
     # one extern call each; 1.2-1.5x slower than the reduction on an H200, decode_gemv.py).
     decode_gemv_kernel: str = "reduction"
+    # The reductions split along K into this many partial sums, then summed (1: not split): more
+    # outputs to spread over the SMs. An experiment, not yet measured in a decode step (the step
+    # profile has fc2's K = 1728 reduction at 0.95 TB/s where in_proj's reads 3.1).
+    decode_gemv_splits: int = 1
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -86,5 +90,7 @@ class Settings:
             raise bad("inline_short_taps", "an int >= 0")
         if not isinstance(self.decode_gemv_rows, int) or self.decode_gemv_rows < 0:
             raise bad("decode_gemv_rows", "an int >= 0")
+        if not isinstance(self.decode_gemv_splits, int) or self.decode_gemv_splits < 1:
+            raise bad("decode_gemv_splits", "an int >= 1")
         if not isinstance(self.seq_dim, int):
             raise bad("seq_dim", "an int")

@@ -43,6 +43,27 @@ def test_products_become_reductions_with_the_same_values(rows, seed):
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
 
 
+@pytest.mark.parametrize("splits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_split_reductions_have_the_same_values(splits, rows):
+    g = torch.Generator().manual_seed(10 * splits + rows)
+    x, w, b = torch.randn(rows, 36, generator=g), torch.randn(50, 36, generator=g) / 6, torch.randn(50, generator=g)
+    # F.linear: the weight reaches addmm transposed, as a model's does
+    gm = make_fx(lambda x, w, b: (F.linear(x, w, b), torch.mm(x[:, :35], w.t()[:35])))(x, w, b)
+    want = gm(x, w, b)
+    assert decompose_gemv(gm, max_rows=4, splits=splits) == 2
+    sums = [n.args[1] for n in gm.graph.nodes if n.target is aten.sum.dim_IntList]
+    assert sums.count([2]) == 1 and len(sums) == 3  # K = 36 split; K = 35 does not divide: one sum
+    for got, ref in zip(gm(x, w, b), want, strict=True):
+        assert ((got - ref).norm() / ref.norm()).item() <= 1e-6
+    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415 - what the decode segments do
+
+    for got, ref in zip(compile_fx(gm, [x, w, b])(x, w, b), want, strict=True):
+        assert ((got - ref).norm() / ref.norm()).item() <= 1e-6
+    with pytest.raises(ValueError, match="decode_gemv_splits"):
+        Settings.from_options({"decode_gemv_splits": 0})
+
+
 def test_half_precision_products_accumulate_in_fp32():
     gm, args = _graph(1, torch.float16, 2)
     ref = _mlp(*[a.double() for a in args])

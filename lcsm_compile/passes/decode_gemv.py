@@ -31,10 +31,11 @@ def _rows(node: fx.Node) -> int | None:
     return val.shape[0]
 
 
-def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction") -> int:
+def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1) -> int:
     """Rewrites `mm(x, w)` and `addmm(b, x, w)` with at most `max_rows` rows of x in place:
     sum_k x[m, k] w[k, n] in fp32, cast back to the product's dtype, as a reduction (kernel
-    "reduction") or one `lcsm::gemv` node ("triton"). Returns how many."""
+    "reduction"; with `splits` > 1 dividing K, partial sums over K / splits and then their sum)
+    or one `lcsm::gemv` node ("triton"). Returns how many."""
     if kernel not in ("reduction", "triton"):
         raise ValueError(f"decompose_gemv: kernel must be 'reduction' or 'triton', got {kernel!r}")
     if kernel == "triton":
@@ -62,7 +63,7 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction")
                 y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
                 y.meta["val"] = out
             else:
-                y = _reduction(graph, x, w, bias, out.dtype)
+                y = _reduction(graph, x, w, bias, out.dtype, splits)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         count += 1
@@ -72,13 +73,23 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction")
     return count
 
 
-def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dtype: torch.dtype) -> fx.Node:
+def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dtype: torch.dtype,
+               splits: int = 1) -> fx.Node:
     """sum_k x[m, k] w[k, n] (+ bias) in fp32 (fp64 for fp64), cast back to the product's dtype."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     call = graph.call_function
-    xs = call(aten.unsqueeze.default, (call(aten._to_copy.default, (x,), {"dtype": acc}), 2))
-    ws = call(aten.unsqueeze.default, (call(aten._to_copy.default, (w,), {"dtype": acc}), 0))
-    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
+    xs = call(aten._to_copy.default, (x,), {"dtype": acc})
+    ws = call(aten._to_copy.default, (w,), {"dtype": acc})
+    xv, wv = x.meta.get("val"), w.meta.get("val")
+    (M, K), N = (xv.shape, wv.shape[1]) if isinstance(wv, torch.Tensor) else ((None, None), None)
+    if splits > 1 and all(isinstance(s, int) for s in (M, K, N)) and K % splits == 0:
+        xs = call(aten.reshape.default, (xs, [M, splits, K // splits, 1]))
+        ws = call(aten.reshape.default, (ws, [1, splits, K // splits, N]))
+        part = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [2]))  # (M, splits, N)
+        y = call(aten.sum.dim_IntList, (part, [1]))
+    else:
+        xs, ws = call(aten.unsqueeze.default, (xs, 2)), call(aten.unsqueeze.default, (ws, 0))
+        y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
     if bias is not None:
         y = call(aten.add.Tensor, (y, bias))
     return call(aten._to_copy.default, (y,), {"dtype": dtype})
