@@ -12,6 +12,7 @@ between kernels shows too. Writes benchmarks/results/step_profile_<device>.json.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -78,7 +79,20 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
+def inductor_settings(pairs: list[str]) -> dict:
+    """--inductor KEY=VALUE ... as a torch._inductor.config patch (values as Python literals)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -91,7 +105,17 @@ def main() -> None:
                     help="decode_gemv_kernel option (default: the setting's)")
     ap.add_argument("--gemv-splits", type=int, default=None, help="decode_gemv_splits option (default: the setting's)")
     ap.add_argument("--autocast", action="store_true", help="decoder built under bf16 autocast (weights cast once)")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="inductor config for the step's compiles, e.g. triton.enable_pdl=True "
+                         "(Hopper's programmatic dependent launch) or triton.mix_order_reduction=False")
     args = ap.parse_args()
+    from torch._inductor import config as inductor_config  # noqa: PLC0415
+
+    with torch.no_grad(), inductor_config.patch(inductor_settings(args.inductor)):
+        profile_decoder(args)
+
+
+def profile_decoder(args) -> None:
     args.max_len = args.max_len or (512 if args.smoke else 4096)
     model = make_model(args.smoke, args.sine_freq)
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
@@ -109,6 +133,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
               "max_len": args.max_len, "decoder": repr(dec), "options": opts, "autocast": args.autocast,
+              "inductor": inductor_settings(args.inductor),
               "profiles": {}}
     try:
         import triton  # noqa: PLC0415
@@ -145,7 +170,9 @@ def main() -> None:
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
     gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
         "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + (
-        "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + ("_autocast" if args.autocast else "")
+        "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + ("_autocast" if args.autocast else "") + (
+        "_" + "_".join(k.split(".")[-1] + "-" + str(v) for k, v in inductor_settings(args.inductor).items())
+        if args.inductor else "")
     (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
 
 
