@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import CUDA, DEV, log, sync, timed  # noqa: E402
+from _common import CUDA, DEV, log, rel, sync, timed  # noqa: E402
 from generate import make_model, options  # noqa: E402
 
 import lcsm_compile  # noqa: E402
@@ -127,14 +127,22 @@ def profile_decoder(args) -> None:
         dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
         log(f"built {dec}")
         out = dec.prefill(ids)
-        tok = out[:, -1].argmax(-1, keepdim=True)
-        for _ in range(2):  # the first step after a prefill captures the graphs
-            tok = dec.step(tok)[:, -1].argmax(-1, keepdim=True)
+        tok, seq, outs = out[:, -1].argmax(-1, keepdim=True), [ids], [out]
+        for _ in range(8):  # the first step after a prefill captures the graphs
+            seq.append(tok)
+            outs.append(dec.step(tok))
+            tok = outs[-1][:, -1].argmax(-1, keepdim=True)
+        # correctness first: a variant (options, --inductor) must still be the model
+        err = rel(torch.cat(outs, 1).float(), model(torch.cat(seq, 1))[:, P - 1:].float())  # prefill: last position
+    tol = 2e-2 if args.autocast else 1e-4
+    log(f"decoder vs eager, prefill {P} + 8 steps: relative error {err:.1e} (tol {tol:.0e})")
+    if err > tol:
+        raise SystemExit(f"step_profile: the decoder is off the model ({err:.1e} > {tol:.0e}); not timed")
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
               "max_len": args.max_len, "decoder": repr(dec), "options": opts, "autocast": args.autocast,
               "inductor": inductor_settings(args.inductor),
-              "profiles": {}}
+              "rel_err_vs_eager": err, "profiles": {}}
     try:
         import triton  # noqa: PLC0415
 
