@@ -80,8 +80,9 @@ def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dt
     call = graph.call_function
     xs = call(aten._to_copy.default, (x,), {"dtype": acc})
     ws = call(aten._to_copy.default, (w,), {"dtype": acc})
-    xv, wv = x.meta.get("val"), w.meta.get("val")
-    (M, K), N = (xv.shape, wv.shape[1]) if isinstance(wv, torch.Tensor) else ((None, None), None)
+    wv = w.meta.get("val")
+    M, K = x.meta["val"].shape  # decompose_gemv checked x's val
+    N = wv.shape[-1] if isinstance(wv, torch.Tensor) else None
     if splits > 1 and all(isinstance(s, int) for s in (M, K, N)) and K % splits == 0:
         xs = call(aten.reshape.default, (xs, [M, splits, K // splits, 1]))
         ws = call(aten.reshape.default, (ws, [1, splits, K // splits, N]))

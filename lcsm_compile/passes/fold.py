@@ -27,7 +27,7 @@ from torch import fx
 from ..settings import Settings
 from .capture import CapturedGraph, sym_expr
 from .match import Rejection
-from .verify import Mixer, concrete_shape, impulse_response, to_canonical
+from .verify import Mixer, canonical_row, concrete_shape, impulse_response
 
 __all__ = ["DEFAULT_FOLD_LENGTH", "fold", "model_max_len", "prefix_allowance", "prefix_error"]
 
@@ -88,7 +88,7 @@ def _impulse(mx: Mixer, consts: dict, shape: list[int], dtype, device) -> torch.
     h, _ = impulse_response(functools.partial(mx.fn.apply, constants=consts), shape, mx.axis, dtype, device)
     if tuple(h.shape) != tuple(shape):
         raise ValueError(f"output shape {tuple(h.shape)} differs from the input's {tuple(shape)}")
-    return to_canonical(h, mx.axis, mx.bcast_dims, mx.chan_dims)[0].clone()  # not a view of all B rows
+    return canonical_row(h, mx.axis, mx.bcast_dims, mx.chan_dims)
 
 
 def _filter_at(mx: Mixer, length: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
