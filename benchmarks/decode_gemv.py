@@ -1,6 +1,6 @@
 """Decode-step matrix-vector products on Hyena-153M's shapes: cuBLAS vs inductor's fused reduction
 (what passes/decode_gemv.py emits today) vs the Triton GEMV (kernels/gemv.py), and the reduction
-split along K in 2 and 4 (an experiment for the pass).
+split along K in 2 and 4 (the pass's decode_gemv_splits option, an experiment).
 
     python benchmarks/decode_gemv.py [--rows 1 8] [--dtypes float32 bfloat16]
 
@@ -33,12 +33,14 @@ SHAPES = [("in_proj", 864, 2592), ("fc1", 864, 1728), ("fc2", 1728, 864), ("out_
 L2_BYTES = 60 << 20  # H100 50 MB, H200 60 MB of L2: the copies of a weight exceed it
 # Triton compiles once per (blocks, dtype, rows) and reuses it across shapes: 12 configs stay cheap.
 SPLITS = (2, 4)  # split-K variants of the inductor reduction (K = 864 and 1728 divide by both)
+TIMED = ("cublas", "inductor", "triton", "triton_best", *(f"split{S}" for S in SPLITS))
 SWEEP = [(bn, bk, 4) for bn in (4, 8, 16, 32) for bk in (128, 256, 512)]
 
 
-def inductor_reduction(x, w, b):
-    """What a decode segment's addmm becomes today: passes/decode_gemv.py's reduction, compiled
-    by inductor with the decode path's options (one compile per shape and dtype)."""
+def inductor_reduction(x, w, b, splits: int = 1):
+    """What a decode segment's addmm becomes: passes/decode_gemv.py's reduction (split along K
+    into `splits` partial sums: the decode_gemv_splits option), compiled by inductor with the
+    decode path's options (one compile per shape, dtype and split)."""
     from torch._inductor import config  # noqa: PLC0415
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
     from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
@@ -46,27 +48,7 @@ def inductor_reduction(x, w, b):
     # a tuple out, so that [0] below is the product (of a bare tensor it would be row 0, which
     # broadcasts against the reference at M = 1 and hid the mistake until M = 8)
     gm = make_fx(lambda x, w, b: (torch.addmm(b, x, w),))(x, w, b)
-    assert decompose_gemv(gm, max_rows=x.shape[0]) == 1
-    with config.patch(COMPILE_OPTIONS):
-        fn = compile_fx(gm, [x, w, b])
-    return lambda x, w, b: fn(x, w, b)[0]
-
-
-def inductor_split_reduction(x, w, b, splits: int):
-    """The same reduction split along K (an experiment, not what the pass emits): partial sums
-    over K / splits, then over the splits. Two reductions give inductor splits x more outputs to
-    spread over the SMs; a candidate for the products whose single reduction reads slowly."""
-    from torch._inductor import config  # noqa: PLC0415
-    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
-    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
-
-    def split(x, w, b):
-        M, K = x.shape
-        xs = x.float().reshape(M, splits, K // splits, 1)
-        ws = w.float().reshape(1, splits, K // splits, w.shape[1])
-        return ((xs * ws).sum(2).sum(1).add(b.float()).to(x.dtype),)
-
-    gm = make_fx(split)(x, w, b)
+    assert decompose_gemv(gm, max_rows=x.shape[0], splits=splits) == 1
     with config.patch(COMPILE_OPTIONS):
         fn = compile_fx(gm, [x, w, b])
     return lambda x, w, b: fn(x, w, b)[0]
@@ -94,7 +76,7 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         "triton": lambda W, b: gemv(x, W.t(), b),
     }
     for S in SPLITS:
-        fn = inductor_split_reduction(x, Ws[0].t(), bs[0], S)
+        fn = inductor_reduction(x, Ws[0].t(), bs[0], splits=S)
         methods[f"split{S}"] = lambda W, b, fn=fn: fn(x, W.t(), b)
     row = {"name": name, "K": K, "N": N, "M": M, "dtype": str(dtype).removeprefix("torch."),
            "weight_mb": nbytes / 2**20, "copies": copies, "blocks": list(gemv_blocks(M, N, K))}
@@ -113,12 +95,11 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         if best is None or t < best[0]:
             best = (t, blocks)
     row["triton_best_us"], row["triton_best_blocks"] = best[0], list(best[1])
-    for key in ("cublas", "inductor", "triton", "triton_best", *(f"split{S}" for S in SPLITS)):
+    for key in TIMED:
         t = row.get(f"{key}_us")
         row[f"{key}_tbps"] = nbytes / (t * 1e-6) / 1e12 if t else None
     log(f"  {name:8s} {row['dtype']:8s} M={M}: " + "  ".join(
-        f"{k} {row[f'{k}_us']:.2f} us" for k in ("cublas", "inductor", "triton", "triton_best", *(f"split{S}" for S in SPLITS))
-        if row.get(f"{k}_us")))
+        f"{k} {row[f'{k}_us']:.2f} us" for k in TIMED if row.get(f"{k}_us")))
     return row
 
 

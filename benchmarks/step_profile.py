@@ -109,9 +109,10 @@ def main() -> None:
                     help="inductor config for the step's compiles, e.g. triton.enable_pdl=True "
                          "(Hopper's programmatic dependent launch) or triton.mix_order_reduction=False")
     args = ap.parse_args()
+    args.inductor = inductor_settings(args.inductor)
     from torch._inductor import config as inductor_config  # noqa: PLC0415
 
-    with torch.no_grad(), inductor_config.patch(inductor_settings(args.inductor)):
+    with torch.no_grad(), inductor_config.patch(args.inductor):
         profile_decoder(args)
 
 
@@ -119,9 +120,8 @@ def profile_decoder(args) -> None:
     args.max_len = args.max_len or (512 if args.smoke else 4096)
     model = make_model(args.smoke, args.sine_freq)
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
-    opts = options(args.smoke) | ({} if args.gemv_rows is None else {"decode_gemv_rows": args.gemv_rows})
-    opts |= {} if args.gemv_kernel is None else {"decode_gemv_kernel": args.gemv_kernel}
-    opts |= {} if args.gemv_splits is None else {"decode_gemv_splits": args.gemv_splits}
+    opts = options(args.smoke) | {f"decode_gemv_{k}": v for k in ("rows", "kernel", "splits")
+                                  if (v := getattr(args, f"gemv_{k}")) is not None}
     # the step programs hold the casts captured under autocast and switch it off themselves
     with torch.autocast(DEV, dtype=torch.bfloat16, enabled=args.autocast):
         dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
@@ -141,7 +141,7 @@ def profile_decoder(args) -> None:
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
               "max_len": args.max_len, "decoder": repr(dec), "options": opts, "autocast": args.autocast,
-              "inductor": inductor_settings(args.inductor),
+              "inductor": args.inductor,
               "rel_err_vs_eager": err, "profiles": {}}
     try:
         import triton  # noqa: PLC0415
@@ -179,7 +179,7 @@ def profile_decoder(args) -> None:
     gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
         "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + (
         "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + ("_autocast" if args.autocast else "") + (
-        "_" + "_".join(k.split(".")[-1] + "-" + str(v) for k, v in inductor_settings(args.inductor).items())
+        "_" + "_".join(k.split(".")[-1] + "-" + str(v) for k, v in args.inductor.items())
         if args.inductor else "")
     (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
 
