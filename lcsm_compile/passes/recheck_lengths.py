@@ -94,17 +94,14 @@ def _hints(env) -> dict:
     return dict(env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val)
 
 
-def _length_admitted(size, L2: int) -> bool:
-    """Whether the graph's shape guards hold with the time size `size` (a SymInt) at L2 and every
-    other size at its hint: a graph traced through min(4, L) is guarded to L >= 4, and outside
-    its guards it never runs. Guards that cannot be decided count as holding."""
-    env, sym = _env_symbol(size)
-    if env is None:
-        return True
+def _length_admitted(env, sym, hints: dict, L2: int) -> bool:
+    """Whether the graph's shape guards hold with the time symbol `sym` at L2 and every other size
+    at its hint: a graph traced through min(4, L) is guarded to L >= 4, and outside its guards it
+    never runs. Guards that cannot be decided count as holding."""
     rng = env.var_to_range.get(sym)
     if rng is not None and not (rng.lower <= L2 <= rng.upper):
         return False
-    hints = {**_hints(env), sym: sympy.Integer(L2)}
+    hints = {**hints, sym: sympy.Integer(L2)}
     for guard in env.guards:
         try:
             value = guard.expr.xreplace(hints)
@@ -115,14 +112,13 @@ def _length_admitted(size, L2: int) -> bool:
     return True
 
 
-def _range_lower(size) -> int:
-    """The least value the shape env allows the time size (a SymInt), 2 when unknown."""
-    env, sym = _env_symbol(size)
-    rng = env.var_to_range.get(sym) if env is not None else None
+def _range_bound(env, sym, which: str, default: int) -> int:
+    """The time symbol's lower or upper bound in the shape env, `default` when unknown or infinite."""
+    rng = env.var_to_range.get(sym)
     try:
-        return max(2, int(rng.lower)) if rng is not None else 2
-    except (TypeError, ValueError):
-        return 2
+        return int(getattr(rng, which)) if rng is not None else default
+    except Exception:  # noqa: BLE001 - an unbounded range (sympy's or torch's infinity)
+        return default
 
 
 def _other_lengths(L: int, admitted, lower: int = 2) -> list[int]:
@@ -143,21 +139,16 @@ def _other_lengths(L: int, admitted, lower: int = 2) -> list[int]:
 def recheck_lengths(L: int, size, nodes: list[fx.Node]) -> list[tuple[int, bool]]:
     """(length, full) pairs for a region captured at L with the symbolic time size `size`: `full`
     asks for the prefix and probe checks too (causality is checked at every length)."""
-    admitted = lambda n: _length_admitted(size, n)  # noqa: E731
-    lower = _range_lower(size)
+    env, sym = _env_symbol(size)
+    if env is None:  # not a plain symbol: no guards to consult, no FFT sizes to solve
+        return [(L2, L2 >= L - L // 3) for L2 in _other_lengths(L, lambda n: True)]
+    hints = _hints(env)
+    admitted = lambda n: _length_admitted(env, sym, hints, n)  # noqa: E731
+    lower = max(2, _range_bound(env, sym, "lower", 2))
+    upper = min(MAX_WRAP_SEARCH, _range_bound(env, sym, "upper", MAX_WRAP_SEARCH))
     # Prefix and probe at the longer and shorter length; causality everywhere (a prefix of a few
     # taps at the shortest length says little).
     out = [(L2, L2 >= L - L // 3) for L2 in _other_lengths(L, admitted, lower)]
-    env, sym = _env_symbol(size)
-    if env is None:
-        return out
-    rng = env.var_to_range.get(sym)
-    upper = MAX_WRAP_SEARCH
-    try:
-        upper = min(upper, int(rng.upper)) if rng is not None else upper
-    except Exception:  # noqa: BLE001 - an unbounded range (sympy's or torch's infinity)
-        pass
-    hints = _hints(env)
     seen = {L} | {L2 for L2, _ in out}
     for n in fft_sizes(nodes):
         first = first_wrap_length(n, sym, lower, upper, hints)
