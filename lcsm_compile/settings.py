@@ -47,9 +47,13 @@ class Settings:
     # one extern call each; 1.2-1.5x slower than the reduction on an H200, decode_gemv.py).
     decode_gemv_kernel: str = "reduction"
     # The reductions split along K into this many partial sums, then summed (1: not split): more
-    # outputs to spread over the SMs. An experiment, not yet measured in a decode step (the step
-    # profile has fc2's K = 1728 reduction at 0.95 TB/s where in_proj's reads 3.1).
+    # outputs to spread over the SMs. Measured slower: H200, Hyena-153M fp32, step_profile.py,
+    # 2026-12-01: 2 splits 694.8 vs 589.0 us/token (19 more kernels, no faster reads). Kept as an option.
     decode_gemv_splits: int = 1
+    # Compile the step's inductor kernels with programmatic dependent launch (Hopper and newer):
+    # a kernel's prologue overlaps its predecessor's tail, and the step is ~170 latency-bound kernels.
+    # H200, Hyena-153M fp32, step_profile.py, 2026-12-01: 589.0 -> 541.0 us/token (floor 533 -> 491).
+    decode_pdl: bool = True
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 

@@ -150,7 +150,8 @@ class Decoder:
                                    engine_factory=ENGINES[self.engine], like=like,
                                    gemv_rows=self.settings.decode_gemv_rows,
                                    gemv_kernel=self.settings.decode_gemv_kernel,
-                                   gemv_splits=self.settings.decode_gemv_splits)
+                                   gemv_splits=self.settings.decode_gemv_splits,
+                                   pdl=self.settings.decode_pdl)
         self._graphs, self._prefilled = None, False
         self._use_graphs = (self.device.type == "cuda" and self.settings.cuda_graphs
                             and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))

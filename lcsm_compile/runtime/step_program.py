@@ -90,13 +90,15 @@ class StepProgram:
     @as_captured
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
                  engine_factory: Callable | None = None, like: StepProgram | None = None, gemv_rows: int = 0,
-                 gemv_kernel: str = "reduction", gemv_splits: int = 1):
+                 gemv_kernel: str = "reduction", gemv_splits: int = 1, pdl: bool = False):
         """`like`: another program of the same plan whose traced segments and constants to share.
         `gemv_rows`: inductor-compiled matrix products with at most this many rows become fused
-        reductions (or `gemv_kernel="triton"`: lcsm::gemv calls) on CUDA (passes/decode_gemv.py)."""
+        reductions (or `gemv_kernel="triton"`: lcsm::gemv calls) on CUDA (passes/decode_gemv.py).
+        `pdl`: inductor's kernels use programmatic dependent launch where the GPU has it (sm90+)."""
         self.plan, self.device, self.floor = plan, torch.device(device), floor
         self.gemv_rows = gemv_rows if self.device.type == "cuda" else 0
         self.gemv_kernel, self.gemv_splits = gemv_kernel, gemv_splits
+        self.pdl = pdl and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.cg = plan.cg
         self.max_len = plan.max_len
         self.frontier = like.frontier if like is not None else self._precompute()
@@ -296,7 +298,10 @@ class StepProgram:
                 n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits)
                 reductions = self.gemv_kernel == "reduction"
                 counters["decode"]["gemv_reductions" if reductions else "gemv_kernels"] += n
-                with inductor_config.patch(COMPILE_OPTIONS if n and reductions else {}):
+                options = dict(COMPILE_OPTIONS) if n and reductions else {}
+                if self.pdl:
+                    options["triton.enable_pdl"] = True
+                with inductor_config.patch(options):
                     return compile_fx(gm, examples)
         return gm
 
