@@ -79,7 +79,7 @@ class Settings:
 
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
             raise bad("max_len", "a positive int or None")
-        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs"):
+        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs", "decode_pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
         if self.inner_backend not in INNER_BACKENDS:

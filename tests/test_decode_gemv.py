@@ -62,6 +62,8 @@ def test_split_reductions_have_the_same_values(splits, rows):
         assert ((got - ref).norm() / ref.norm()).item() <= 1e-6
     with pytest.raises(ValueError, match="decode_gemv_splits"):
         Settings.from_options({"decode_gemv_splits": 0})
+    with pytest.raises(ValueError, match="decode_pdl"):
+        Settings.from_options({"decode_pdl": 1})
 
 
 def test_half_precision_products_accumulate_in_fp32():

@@ -57,6 +57,21 @@ def test_gemv_at_batch_one_match_eager(kernel, counter):
     assert err <= 1e-4, f"{err:.2e}"
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+def test_programmatic_dependent_launch_matches_eager(pdl):
+    """decode_pdl (default on): the step's inductor kernels launched with PDL where the GPU has it
+    (sm90+); either way the decoder is the model."""
+    model = _model("hyena_lm")
+    x = ZOO["hyena_lm"].make_inputs(model, 2, 160, torch.Generator().manual_seed(2))[0].to(DEV)
+    with torch.no_grad():
+        ref = model(x)
+    dec = lcsm_compile.decoder(model, x[:, :9], max_len=160, inner_backend="inductor", decode_pdl=pdl)
+    assert dec.program.pdl == (pdl and torch.cuda.get_device_capability() >= (9, 0))
+    outs = [dec.prefill(x[:, :9])] + [dec.step(x[:, t : t + 1]) for t in range(9, 160)]
+    err = _rel_per_position(torch.cat(outs, 1), ref[:, 8:])
+    assert err <= 1e-4, f"{err:.2e}"
+
+
 def test_generate_and_serving_on_gpu():
     model = _model("hyena_lm")
     ids = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
