@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import lcsm_compile
-from lcsm_compile.passes.decode_gemv import decompose_gemv
+from lcsm_compile.passes.decode_gemv import COMPILE_OPTIONS, decompose_gemv
+from lcsm_compile.runtime.segment_compile import SegmentCompiler
 from lcsm_compile.settings import Settings
 from lcsm_compile.zoo import hyena_tiny
 
@@ -91,7 +92,7 @@ def test_option_is_validated_and_cpu_decoders_keep_their_products():
     model = hyena_tiny(max_len=64).eval()
     ids = torch.randint(0, model.vocab_size, (1, 8))
     dec = lcsm_compile.decoder(model, ids, max_len=64, inner_backend="eager", decode_gemv_rows=8)
-    assert dec.program.gemv_rows == 0  # CPU: cuBLAS-free GEMV reductions are a CUDA-only win
+    assert dec.program.compiler.gemv_rows == 0  # CPU: cuBLAS-free GEMV reductions are a CUDA-only win
     assert any(aten.addmm.default in _targets(fn) for fn in dec.program.fns)
 
 
@@ -122,3 +123,14 @@ def test_gemv_kernel_option():
         decompose_gemv(_graph(1, torch.float32, 0)[0], max_rows=1, kernel="cublas")
     with pytest.raises(ValueError, match="inline_short_taps"):
         Settings.from_options({"inline_short_taps": -1})
+
+
+def test_segment_compiler_keeps_only_what_the_device_can_use():
+    s = Settings.from_options({"decode_gemv_rows": 4, "decode_pdl": True, "decode_gemv_splits": 2})
+    cpu = SegmentCompiler.for_device(torch.device("cpu"), s)
+    assert (cpu.gemv_rows, cpu.pdl, cpu.gemv_splits) == (0, False, 2)
+    assert cpu.inductor_options(reductions=0) == {}
+    gpu_like = SegmentCompiler(gemv_rows=4, pdl=True)  # what for_device gives an sm90 GPU
+    assert gpu_like.inductor_options(reductions=3) == {**COMPILE_OPTIONS, "triton.enable_pdl": True}
+    assert gpu_like.inductor_options(reductions=0) == {"triton.enable_pdl": True}
+    assert SegmentCompiler(gemv_rows=4, gemv_kernel="triton").inductor_options(reductions=3) == {}

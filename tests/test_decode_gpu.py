@@ -66,7 +66,7 @@ def test_programmatic_dependent_launch_matches_eager(pdl):
     with torch.no_grad():
         ref = model(x)
     dec = lcsm_compile.decoder(model, x[:, :9], max_len=160, inner_backend="inductor", decode_pdl=pdl)
-    assert dec.program.pdl == (pdl and torch.cuda.get_device_capability() >= (9, 0))
+    assert dec.program.compiler.pdl == (pdl and torch.cuda.get_device_capability() >= (9, 0))
     outs = [dec.prefill(x[:, :9])] + [dec.step(x[:, t : t + 1]) for t in range(9, 160)]
     err = _rel_per_position(torch.cat(outs, 1), ref[:, 8:])
     assert err <= 1e-4, f"{err:.2e}"

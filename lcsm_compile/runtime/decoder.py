@@ -33,6 +33,7 @@ from ..passes.rewrite import mixer_of
 from ..settings import Settings
 from .lazy import LazyConv
 from .lazy_graphed import GraphedLazyConv
+from .segment_compile import SegmentCompiler
 from .step_program import StepProgram
 
 __all__ = ["Decoder", "capture", "decoder"]
@@ -148,10 +149,7 @@ class Decoder:
         compile = "inductor" if self.settings.inner_backend == "inductor" else "eager"
         self.program = StepProgram(self.plan, self.device, compile=compile, floor=self.engine == "floor",
                                    engine_factory=ENGINES[self.engine], like=like,
-                                   gemv_rows=self.settings.decode_gemv_rows,
-                                   gemv_kernel=self.settings.decode_gemv_kernel,
-                                   gemv_splits=self.settings.decode_gemv_splits,
-                                   pdl=self.settings.decode_pdl)
+                                   compiler=SegmentCompiler.for_device(self.device, self.settings))
         self._graphs, self._prefilled = None, False
         self._use_graphs = (self.device.type == "cuda" and self.settings.cuda_graphs
                             and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))

@@ -22,6 +22,7 @@ from ..passes.capture import CapturedGraph, GraphInput
 from ..passes.incrementalize import IncrementalizeError, incrementalize
 from ..passes.pipeline import CompileReport, counters
 from ..settings import Settings
+from .segment_compile import SegmentCompiler
 from .step_program import StepProgram
 
 __all__ = ["serve", "ServedGraph"]
@@ -136,7 +137,7 @@ def serve(cg: CapturedGraph, report: CompileReport, settings: Settings,
         plan = incrementalize(own, settings, max_len, report.unsupported)
         device = next((i.value.device for i in own.inputs if isinstance(i.value, Tensor)), torch.device("cpu"))
         compile = "inductor" if settings.inner_backend == "inductor" else "eager"
-        program = StepProgram(plan, device, compile=compile)
+        program = StepProgram(plan, device, compile=compile, compiler=SegmentCompiler.for_device(device, settings))
     except IncrementalizeError as e:
         if settings.strict:
             raise

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..passes.decode_gemv import COMPILE_OPTIONS, decompose_gemv
 from ..passes.fold import prefix_allowance
 from ..passes.incrementalize import (
     CAUSAL_CONV,
@@ -38,8 +37,8 @@ from ..passes.incrementalize import (
     input_env,
     shape_at,
 )
-from ..passes.pipeline import counters
 from ..passes.region import describe_node
+from .segment_compile import SegmentCompiler
 
 __all__ = ["StepProgram", "as_captured"]
 
@@ -89,16 +88,13 @@ def as_captured(method: Callable) -> Callable:
 class StepProgram:
     @as_captured
     def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
-                 engine_factory: Callable | None = None, like: StepProgram | None = None, gemv_rows: int = 0,
-                 gemv_kernel: str = "reduction", gemv_splits: int = 1, pdl: bool = False):
+                 engine_factory: Callable | None = None, like: StepProgram | None = None,
+                 compiler: SegmentCompiler | None = None):
         """`like`: another program of the same plan whose traced segments and constants to share.
-        `gemv_rows`: inductor-compiled matrix products with at most this many rows become fused
-        reductions (or `gemv_kernel="triton"`: lcsm::gemv calls) on CUDA (passes/decode_gemv.py).
-        `pdl`: inductor's kernels use programmatic dependent launch where the GPU has it (sm90+)."""
+        `compiler`: how `compile="inductor"` compiles a segment (default: the default settings' decode
+        options for `device`, runtime/segment_compile.py)."""
         self.plan, self.device, self.floor = plan, torch.device(device), floor
-        self.gemv_rows = gemv_rows if self.device.type == "cuda" else 0
-        self.gemv_kernel, self.gemv_splits = gemv_kernel, gemv_splits
-        self.pdl = pdl and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) >= (9, 0)
+        self.compiler = compiler or SegmentCompiler.for_device(self.device)
         self.cg = plan.cg
         self.max_len = plan.max_len
         self.frontier = like.frontier if like is not None else self._precompute()
@@ -292,17 +288,7 @@ class StepProgram:
         with torch.no_grad():
             gm = make_fx(self._segment_fn(seg))(*examples)
             if compile == "inductor":
-                from torch._inductor import config as inductor_config  # noqa: PLC0415
-                from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
-
-                n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits)
-                reductions = self.gemv_kernel == "reduction"
-                counters["decode"]["gemv_reductions" if reductions else "gemv_kernels"] += n
-                options = dict(COMPILE_OPTIONS) if n and reductions else {}
-                if self.pdl:
-                    options["triton.enable_pdl"] = True
-                with inductor_config.patch(options):
-                    return compile_fx(gm, examples)
+                return self.compiler(gm, examples)
         return gm
 
     # ------------------------------------------------------------ running
