@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -81,8 +82,12 @@ def main() -> None:
                 try:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        for _ in range(3):  # reduce-overhead: warm-up and recording runs first
+                        t0 = time.perf_counter()
+                        for i in range(3):  # reduce-overhead: warm-up and recording runs first
                             y = fn(ids)
+                            if i == 0:  # a new length's first call compiles (lcsm: captures, verifies)
+                                torch.cuda.synchronize()
+                                row[f"{name}_first_call_s"] = time.perf_counter() - t0
                 except Exception as e:  # noqa: BLE001 - recorded in the row; the other lengths still run
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
                     print(f"ERROR: {name} at L={L}: {row[f'{name}_error'][:300]}", flush=True)
@@ -204,13 +209,19 @@ def _fp32_errs(r: dict) -> str:
     return f"{r['eager_rel_err_vs_fp32']:.1e}/{r['lcsm_rel_err_vs_fp32']:.1e}"
 
 
+def _first_calls(r: dict) -> str:
+    if "lcsm_first_call_s" not in r:
+        return "-"
+    return f"{r['inductor_first_call_s']:.1f}/{r['lcsm_first_call_s']:.1f}"
+
+
 def summary(result: dict) -> str:
     """The table; also what `lcsm-compile bench --show prefill_e2e` prints."""
     lines = [f"{result['device']} | torch {result['torch']} | triton {result['triton']} | {result['date']} | "
              f"{result['dtype']} B={result.get('batch')} mode={result.get('mode', 'default')}",
              f"{'L':>7} {'eager ms':>9} {'inductor':>9} {'lcsm':>9} {'vs eager':>9} {'vs ind':>7} {'err lcsm':>9} "
              f"{'fp32 err eager/lcsm':>19} "
-             f"{'rewrites':>8}"]
+             f"{'rewrites':>8} {'1st call s ind/lcsm':>19}"]
     for r in result["rows"]:
         if "lcsm_ms" not in r:
             errors = "; ".join(f"{k.removesuffix('_error')}: {v[:120]}" for k, v in r.items() if k.endswith("_error"))
@@ -219,7 +230,7 @@ def summary(result: dict) -> str:
         lines.append(f"{r['L']:>7} {r['eager_ms']:>9.2f} {r['inductor_ms']:>9.2f} {r['lcsm_ms']:>9.2f} "
                      f"{r['lcsm_vs_eager']:>8.2f}x {r['lcsm_vs_inductor']:>6.2f}x {r['lcsm_rel_err']:>9.1e} "
                      f"{_fp32_errs(r):>19} "
-                     f"{r['lcsm_rewrites']:>8}")
+                     f"{r['lcsm_rewrites']:>8} {_first_calls(r):>19}")
     if result.get("note"):
         lines.append(f"note: {result['note']}")
     return "\n".join(lines)
