@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--gemv-kernel", choices=["reduction", "triton"], default=None,
                     help="decode_gemv_kernel option (default: the setting's)")
     ap.add_argument("--gemv-splits", type=int, default=None, help="decode_gemv_splits option (default: the setting's)")
+    ap.add_argument("--persistent-k", type=int, default=None,
+                    help="decode_persistent_k option: row reductions up to this K persistent (default: the setting's)")
     ap.add_argument("--autocast", action="store_true", help="decoder built under bf16 autocast (weights cast once)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="inductor config for the step's compiles, e.g. triton.enable_pdl=True "
@@ -122,6 +124,8 @@ def profile_decoder(args) -> None:
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
     opts = options(args.smoke) | {f"decode_gemv_{k}": v for k in ("rows", "kernel", "splits")
                                   if (v := getattr(args, f"gemv_{k}")) is not None}
+    if args.persistent_k is not None:
+        opts["decode_persistent_k"] = args.persistent_k
     # the step programs hold the casts captured under autocast and switch it off themselves
     with torch.autocast(DEV, dtype=torch.bfloat16, enabled=args.autocast):
         dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
@@ -178,7 +182,8 @@ def profile_decoder(args) -> None:
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
     gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
         "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + (
-        "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + ("_autocast" if args.autocast else "") + (
+        "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + (
+        "" if args.persistent_k is None else f"_persistent{args.persistent_k}") + ("_autocast" if args.autocast else "") + (
         "_" + "_".join(k.split(".")[-1] + "-" + str(v) for k, v in args.inductor.items())
         if args.inductor else "")
     (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))

@@ -54,6 +54,10 @@ class Settings:
     # a kernel's prologue overlaps its predecessor's tail, and the step is ~170 latency-bound kernels.
     # H200, Hyena-153M fp32, step_profile.py, 2026-12-01: 589.0 -> 541.0 us/token (floor 533 -> 491).
     decode_pdl: bool = True
+    # Decode-step row reductions (the GEMVs) over up to this many elements are persistent, one block
+    # holding all of K (0: inductor's own limit, 1024). An experiment, not yet measured: the H200
+    # step profile has fc2's looped K = 1728 reduction at 0.95 TB/s, in_proj's persistent K = 864 at 3.1.
+    decode_persistent_k: int = 0
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -96,5 +100,7 @@ class Settings:
             raise bad("decode_gemv_rows", "an int >= 0")
         if not isinstance(self.decode_gemv_splits, int) or self.decode_gemv_splits < 1:
             raise bad("decode_gemv_splits", "an int >= 1")
+        if not isinstance(self.decode_persistent_k, int) or self.decode_persistent_k < 0:
+            raise bad("decode_persistent_k", "an int >= 0")
         if not isinstance(self.seq_dim, int):
             raise bad("seq_dim", "an int")

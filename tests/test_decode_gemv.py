@@ -134,3 +134,45 @@ def test_segment_compiler_keeps_only_what_the_device_can_use():
     assert gpu_like.inductor_options(reductions=3) == {**COMPILE_OPTIONS, "triton.enable_pdl": True}
     assert gpu_like.inductor_options(reductions=0) == {"triton.enable_pdl": True}
     assert SegmentCompiler(gemv_rows=4, gemv_kernel="triton").inductor_options(reductions=3) == {}
+
+
+def test_persistent_choices_widen_only_static_row_reductions(monkeypatch):
+    """decode_persistent_k: row (INNER) reductions of a static K up to the limit are persistent;
+    others get inductor's own answer (which needs a graph: not reached here)."""
+    import sympy  # noqa: PLC0415
+    from torch._inductor import config as inductor_config  # noqa: PLC0415
+    from torch._inductor.runtime.hints import ReductionHint  # noqa: PLC0415
+
+    from lcsm_compile.runtime.segment_compile import persistent_choices  # noqa: PLC0415
+
+    class Features:
+        def __init__(self, k, hint=ReductionHint.INNER):
+            self.reduction_numel, self.hint = k, hint
+
+        def get_reduction_hint(self):
+            return self.hint
+
+    choices = persistent_choices(4096)
+    assert choices.should_use_persistent_reduction(Features(sympy.Integer(1728)), False)
+    assert choices.should_use_persistent_reduction(Features(4096), False)
+    base_called = []
+
+    def base(features, cooperative_reduction):
+        base_called.append(features.reduction_numel)
+        return False
+
+    from torch._inductor.choices import InductorChoices  # noqa: PLC0415
+
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(base))
+    assert not choices.should_use_persistent_reduction(Features(sympy.Integer(8192)), False)
+    assert not choices.should_use_persistent_reduction(Features(sympy.Symbol("s0")), False)
+    assert not choices.should_use_persistent_reduction(Features(1728, ReductionHint.OUTER), False)
+    assert not choices.should_use_persistent_reduction(Features(1728), True)  # cooperative
+    with inductor_config.patch({"triton.persistent_reductions": False}):
+        assert not choices.should_use_persistent_reduction(Features(1728), False)
+    assert len(base_called) == 5
+    s = Settings.from_options({"decode_persistent_k": 4096})
+    assert SegmentCompiler.for_device(torch.device("cpu"), s).persistent_k == 0  # CPU: no Triton reductions
+    assert SegmentCompiler(persistent_k=4096).inductor_options(reductions=0) == {"fx_graph_cache": False}
+    with pytest.raises(ValueError, match="decode_persistent_k"):
+        Settings.from_options({"decode_persistent_k": -1})

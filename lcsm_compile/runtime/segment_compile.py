@@ -4,10 +4,16 @@ At one position a segment is matrix-vector products and pointwise work, bound by
 weight reads. On CUDA its products with at most `gemv_rows` rows become fused reductions
 (passes/decode_gemv.py) whose block sizes coordinate-descent tuning picks, and on sm90+ its
 kernels use programmatic dependent launch (`pdl`: a kernel's prologue overlaps its predecessor's
-tail; a Hyena-153M token is ~170 such kernels). On CPU neither applies.
+tail; a Hyena-153M token is ~170 such kernels). On CPU none of this applies.
+
+`persistent_k`: inductor keeps a row reduction persistent (one block holds all of K, every load
+issued at once) only up to K = 1024 and loops over K beyond; at one position a looped product is
+latency-bound (H200 step profile: fc2, K = 1728, looped, 0.95 TB/s where in_proj, K = 864,
+persistent, reads 3.1). A larger limit goes through inductor's choices hook (InductorChoices).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ class SegmentCompiler:
     gemv_kernel: str = "reduction"     # or "triton": lcsm::gemv calls (kernels/gemv.py)
     gemv_splits: int = 1               # reductions split along K into this many partial sums
     pdl: bool = False                  # programmatic dependent launch for the inductor kernels
+    persistent_k: int = 0              # row reductions up to this K persistent (0: inductor's 1024)
 
     @classmethod
     def for_device(cls, device: torch.device, settings: Settings | None = None) -> SegmentCompiler:
@@ -36,12 +43,14 @@ class SegmentCompiler:
         if device.type != "cuda":
             return cls(gemv_kernel=s.decode_gemv_kernel, gemv_splits=s.decode_gemv_splits)
         pdl = s.decode_pdl and torch.cuda.get_device_capability(device) >= (9, 0)
-        return cls(s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_splits, pdl)
+        return cls(s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_splits, pdl, s.decode_persistent_k)
 
     def inductor_options(self, reductions: int) -> dict:
         options = dict(COMPILE_OPTIONS) if reductions and self.gemv_kernel == "reduction" else {}
         if self.pdl:
             options["triton.enable_pdl"] = True
+        if self.persistent_k:
+            options["fx_graph_cache"] = False  # its key does not see the choices hook below
         return options
 
     def __call__(self, gm: fx.GraphModule, examples: list) -> Callable:
@@ -50,5 +59,29 @@ class SegmentCompiler:
 
         n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits)
         counters["decode"]["gemv_reductions" if self.gemv_kernel == "reduction" else "gemv_kernels"] += n
-        with inductor_config.patch(self.inductor_options(n)):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(inductor_config.patch(self.inductor_options(n)))
+            if self.persistent_k:
+                from torch._inductor.virtualized import V  # noqa: PLC0415
+
+                stack.enter_context(V.set_choices_handler(persistent_choices(self.persistent_k)))
             return compile_fx(gm, examples)
+
+
+def persistent_choices(max_k: int):
+    """Inductor's choices, with inner (row) reductions of a static K <= max_k kept persistent."""
+    from torch._inductor.choices import InductorChoices  # noqa: PLC0415
+    from torch._inductor.runtime.hints import ReductionHint  # noqa: PLC0415
+
+    class PersistentUpTo(InductorChoices):
+        def should_use_persistent_reduction(self, features, cooperative_reduction: bool) -> bool:
+            from torch._inductor import config  # noqa: PLC0415
+
+            k = features.reduction_numel
+            static = isinstance(k, int) or bool(getattr(k, "is_number", False))
+            if (config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER and static and int(k) <= max_k):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    return PersistentUpTo()
