@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import datetime
 import json
 import os
@@ -71,7 +72,10 @@ def profile(name: str, fn, reps: int) -> dict:
 
 def summary(results: dict) -> str:
     """What `lcsm-compile bench --show step_profile` prints: the top kernels of each profile."""
-    lines = [f"B={results['batch']} max_len={results['max_len']} options={results.get('options')}"]
+    lines = [f"B={results['batch']} max_len={results['max_len']} options={results.get('options')}"
+             + "".join(f" {k}={results[k]}" for k in ("inductor", "segment_compiler") if results.get(k))]
+    if results.get("note"):
+        lines.append(f"note: {results['note']}")
     for name, prof in results["profiles"].items():
         lines.append(f"-- {name}: wall {prof['wall_us_per_token']:.1f} us/token, kernels "
                      f"{prof['kernel_us_per_token']:.1f} us/token")
@@ -145,7 +149,7 @@ def profile_decoder(args) -> None:
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "batch": args.batch,
               "max_len": args.max_len, "decoder": repr(dec), "options": opts, "autocast": args.autocast,
-              "inductor": args.inductor,
+              "inductor": args.inductor, "segment_compiler": dataclasses.asdict(dec.program.compiler),
               "rel_err_vs_eager": err, "profiles": {}}
     try:
         import triton  # noqa: PLC0415
