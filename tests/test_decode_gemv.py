@@ -129,6 +129,8 @@ def test_segment_compiler_keeps_only_what_the_device_can_use():
     s = Settings.from_options({"decode_gemv_rows": 4, "decode_pdl": True, "decode_gemv_splits": 2})
     cpu = SegmentCompiler.for_device(torch.device("cpu"), s)
     assert (cpu.gemv_rows, cpu.pdl, cpu.gemv_splits) == (0, False, 2)
+    eager = SegmentCompiler.for_device(torch.device("cpu"), s.replace(inner_backend="eager"))
+    assert cpu.inductor and not eager.inductor
     assert cpu.inductor_options(reductions=0) == {}
     gpu_like = SegmentCompiler(gemv_rows=4, pdl=True)  # what for_device gives an sm90 GPU
     assert gpu_like.inductor_options(reductions=3) == {**COMPILE_OPTIONS, "triton.enable_pdl": True}

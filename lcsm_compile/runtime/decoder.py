@@ -146,8 +146,7 @@ class Decoder:
         counters["decode"]["decoders"] += 1
 
     def _build_program(self, like: StepProgram | None = None) -> None:
-        compile = "inductor" if self.settings.inner_backend == "inductor" else "eager"
-        self.program = StepProgram(self.plan, self.device, compile=compile, floor=self.engine == "floor",
+        self.program = StepProgram(self.plan, self.device, floor=self.engine == "floor",
                                    engine_factory=ENGINES[self.engine], like=like,
                                    compiler=SegmentCompiler.for_device(self.device, self.settings))
         self._graphs, self._prefilled = None, False

@@ -1,4 +1,5 @@
-"""How the step program's segments are compiled for one position: inductor plus decode options.
+"""How the step program's segments are compiled for one position: traced graphs run as they are,
+or inductor with the decode options.
 
 At one position a segment is matrix-vector products and pointwise work, bound by latency and
 weight reads. On CUDA its products with at most `gemv_rows` rows become fused reductions
@@ -29,6 +30,7 @@ __all__ = ["SegmentCompiler"]
 
 @dataclass(frozen=True)
 class SegmentCompiler:
+    inductor: bool = False             # False: the traced graphs run eagerly (inner_backend eager/aot_eager)
     gemv_rows: int = 0                 # products with at most this many rows -> reductions (0: none)
     gemv_kernel: str = "reduction"     # or "triton": lcsm::gemv calls (kernels/gemv.py)
     gemv_splits: int = 1               # reductions split along K into this many partial sums
@@ -37,13 +39,14 @@ class SegmentCompiler:
 
     @classmethod
     def for_device(cls, device: torch.device, settings: Settings | None = None) -> SegmentCompiler:
-        """The settings' decode options, kept only where `device` can use them."""
+        """The settings' inner backend and decode options, kept only where `device` can use them."""
         s = settings or Settings()
-        device = torch.device(device)
+        device, inductor = torch.device(device), s.inner_backend == "inductor"
         if device.type != "cuda":
-            return cls(gemv_kernel=s.decode_gemv_kernel, gemv_splits=s.decode_gemv_splits)
+            return cls(inductor, gemv_kernel=s.decode_gemv_kernel, gemv_splits=s.decode_gemv_splits)
         pdl = s.decode_pdl and torch.cuda.get_device_capability(device) >= (9, 0)
-        return cls(s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_splits, pdl, s.decode_persistent_k)
+        return cls(inductor, s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_splits, pdl,
+                   s.decode_persistent_k)
 
     def inductor_options(self, reductions: int) -> dict:
         options = dict(COMPILE_OPTIONS) if reductions and self.gemv_kernel == "reduction" else {}
@@ -54,6 +57,8 @@ class SegmentCompiler:
         return options
 
     def __call__(self, gm: fx.GraphModule, examples: list) -> Callable:
+        if not self.inductor:
+            return gm
         from torch._inductor import config as inductor_config  # noqa: PLC0415
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
@@ -70,13 +75,12 @@ class SegmentCompiler:
 
 def persistent_choices(max_k: int):
     """Inductor's choices, with inner (row) reductions of a static K <= max_k kept persistent."""
+    from torch._inductor import config  # noqa: PLC0415
     from torch._inductor.choices import InductorChoices  # noqa: PLC0415
     from torch._inductor.runtime.hints import ReductionHint  # noqa: PLC0415
 
     class PersistentUpTo(InductorChoices):
         def should_use_persistent_reduction(self, features, cooperative_reduction: bool) -> bool:
-            from torch._inductor import config  # noqa: PLC0415
-
             k = features.reduction_numel
             static = isinstance(k, int) or bool(getattr(k, "is_number", False))
             if (config.triton.persistent_reductions and not cooperative_reduction

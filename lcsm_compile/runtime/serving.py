@@ -136,8 +136,7 @@ def serve(cg: CapturedGraph, report: CompileReport, settings: Settings,
     try:
         plan = incrementalize(own, settings, max_len, report.unsupported)
         device = next((i.value.device for i in own.inputs if isinstance(i.value, Tensor)), torch.device("cpu"))
-        compile = "inductor" if settings.inner_backend == "inductor" else "eager"
-        program = StepProgram(plan, device, compile=compile, compiler=SegmentCompiler.for_device(device, settings))
+        program = StepProgram(plan, device, compiler=SegmentCompiler.for_device(device, settings))
     except IncrementalizeError as e:
         if settings.strict:
             raise

@@ -13,7 +13,7 @@ State, preallocated and written in place (CUDA graphs stay valid across prefill 
 
 Segments are traced with make_fx from the plan's nodes at length 1, every weight and table an
 input (so identical layers trace to identical graphs and inductor's cache compiles them once);
-`compile="inductor"` compiles each with inductor, "eager" runs the traced graphs.
+a SegmentCompiler (runtime/segment_compile.py) compiles each with inductor or keeps the traced graphs.
 `floor=True` removes the long mixers (y = u, no engine): the position-wise floor of benchmarks.
 """
 from __future__ import annotations
@@ -87,14 +87,13 @@ def as_captured(method: Callable) -> Callable:
 
 class StepProgram:
     @as_captured
-    def __init__(self, plan: StepPlan, device: torch.device, *, compile: str = "eager", floor: bool = False,
+    def __init__(self, plan: StepPlan, device: torch.device, *, floor: bool = False,
                  engine_factory: Callable | None = None, like: StepProgram | None = None,
                  compiler: SegmentCompiler | None = None):
         """`like`: another program of the same plan whose traced segments and constants to share.
-        `compiler`: how `compile="inductor"` compiles a segment (default: the default settings' decode
-        options for `device`, runtime/segment_compile.py)."""
+        `compiler`: how a traced segment is compiled (default: not at all, the traced graphs run)."""
         self.plan, self.device, self.floor = plan, torch.device(device), floor
-        self.compiler = compiler or SegmentCompiler.for_device(self.device)
+        self.compiler = compiler or SegmentCompiler()
         self.cg = plan.cg
         self.max_len = plan.max_len
         self.frontier = like.frontier if like is not None else self._precompute()
@@ -109,7 +108,7 @@ class StepProgram:
         values: dict = {}  # a compiled segment's outputs may be laid out unlike eager's: feed the next one those
         for seg in plan.segments:
             examples = [values[k[1]] if k[0] == "value" else self._example(k, dry) for k in seg.inputs]
-            fn = self._trace(seg, examples, compile)
+            fn = self._trace(seg, examples)
             with torch.no_grad():
                 outs = fn(*examples)
             values.update((k[1], v) for k, v in zip(seg.outputs, outs) if k[0] == "value")
@@ -284,12 +283,9 @@ class StepProgram:
 
         return run
 
-    def _trace(self, seg: Segment, examples: list, compile: str) -> Callable:
+    def _trace(self, seg: Segment, examples: list) -> Callable:
         with torch.no_grad():
-            gm = make_fx(self._segment_fn(seg))(*examples)
-            if compile == "inductor":
-                return self.compiler(gm, examples)
-        return gm
+            return self.compiler(make_fx(self._segment_fn(seg))(*examples), examples)
 
     # ------------------------------------------------------------ running
     def reset(self) -> None:
