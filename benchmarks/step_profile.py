@@ -83,6 +83,18 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+# decode options with a flag: (flag, option, file-name tag, type); the file name gets _{tag}{value}
+OPTION_FLAGS = (("--gemv-rows", "decode_gemv_rows", "gemv", int),
+                ("--gemv-kernel", "decode_gemv_kernel", "", str),
+                ("--gemv-splits", "decode_gemv_splits", "split", int),
+                ("--persistent-k", "decode_persistent_k", "persistent", int),
+                ("--pdl", "decode_pdl", "pdl", lambda v: bool(int(v))))
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def inductor_settings(pairs: list[str]) -> dict:
     """--inductor KEY=VALUE ... as a torch._inductor.config patch (values as Python literals)."""
     out = {}
@@ -104,16 +116,12 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=None, help="default 4096 (--smoke: 512, the tiny model's limit is 1024)")
     ap.add_argument("--sine-freq", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--gemv-rows", type=int, default=None, help="decode_gemv_rows option (default: the setting's)")
-    ap.add_argument("--gemv-kernel", choices=["reduction", "triton"], default=None,
-                    help="decode_gemv_kernel option (default: the setting's)")
-    ap.add_argument("--gemv-splits", type=int, default=None, help="decode_gemv_splits option (default: the setting's)")
-    ap.add_argument("--persistent-k", type=int, default=None,
-                    help="decode_persistent_k option: row reductions up to this K persistent (default: the setting's)")
+    for flag, option, _, kind in OPTION_FLAGS:
+        ap.add_argument(flag, type=kind, default=None, help=f"the {option} option (default: the setting's)")
     ap.add_argument("--autocast", action="store_true", help="decoder built under bf16 autocast (weights cast once)")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="inductor config for the step's compiles, e.g. triton.enable_pdl=True "
-                         "(Hopper's programmatic dependent launch) or triton.mix_order_reduction=False")
+                    help="inductor config for the step's compiles, e.g. triton.multi_kernel=1 or "
+                         "triton.mix_order_reduction=False (PDL: --pdl, the decode_pdl option, set inside)")
     args = ap.parse_args()
     args.inductor = inductor_settings(args.inductor)
     from torch._inductor import config as inductor_config  # noqa: PLC0415
@@ -126,10 +134,8 @@ def profile_decoder(args) -> None:
     args.max_len = args.max_len or (512 if args.smoke else 4096)
     model = make_model(args.smoke, args.sine_freq)
     ids = torch.randint(0, model.vocab_size, (args.batch, P), device=DEV)
-    opts = options(args.smoke) | {f"decode_gemv_{k}": v for k in ("rows", "kernel", "splits")
-                                  if (v := getattr(args, f"gemv_{k}")) is not None}
-    if args.persistent_k is not None:
-        opts["decode_persistent_k"] = args.persistent_k
+    opts = options(args.smoke) | {option: v for flag, option, _, _ in OPTION_FLAGS
+                                  if (v := getattr(args, _dest(flag))) is not None}
     # the step programs hold the casts captured under autocast and switch it off themselves
     with torch.autocast(DEV, dtype=torch.bfloat16, enabled=args.autocast):
         dec = lcsm_compile.decoder(model, ids, max_len=args.max_len, **opts)
@@ -184,13 +190,11 @@ def profile_decoder(args) -> None:
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
-    gemv = ("" if args.gemv_rows is None else f"_gemv{args.gemv_rows}") + (
-        "" if args.gemv_kernel is None else f"_{args.gemv_kernel}") + (
-        "" if args.gemv_splits is None else f"_split{args.gemv_splits}") + (
-        "" if args.persistent_k is None else f"_persistent{args.persistent_k}") + ("_autocast" if args.autocast else "") + (
+    variant = "".join(f"_{tag}{v}" for flag, _, tag, _ in OPTION_FLAGS
+                      if (v := getattr(args, _dest(flag))) is not None) + ("_autocast" if args.autocast else "") + (
         "_" + "_".join(k.split(".")[-1] + "-" + str(v) for k, v in args.inductor.items())
         if args.inductor else "")
-    (out_dir / f"step_profile_{slug}_b{args.batch}{gemv}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"step_profile_{slug}_b{args.batch}{variant}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
