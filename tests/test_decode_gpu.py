@@ -72,6 +72,20 @@ def test_programmatic_dependent_launch_matches_eager(pdl):
     assert err <= 1e-4, f"{err:.2e}"
 
 
+def test_persistent_reductions_match_eager():
+    """decode_persistent_k (off by default): the step's row reductions up to K kept persistent
+    through inductor's choices hook; the decoder is still the model."""
+    model = _model("hyena_lm")
+    x = ZOO["hyena_lm"].make_inputs(model, 1, 130, torch.Generator().manual_seed(3))[0].to(DEV)
+    with torch.no_grad():
+        ref = model(x)
+    dec = lcsm_compile.decoder(model, x[:, :7], max_len=130, inner_backend="inductor", decode_persistent_k=4096)
+    assert dec.program.compiler.persistent_k == 4096
+    outs = [dec.prefill(x[:, :7])] + [dec.step(x[:, t : t + 1]) for t in range(7, 130)]
+    err = _rel_per_position(torch.cat(outs, 1), ref[:, 6:])
+    assert err <= 1e-4, f"{err:.2e}"
+
+
 def test_generate_and_serving_on_gpu():
     model = _model("hyena_lm")
     ids = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
