@@ -16,13 +16,15 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-import lcsm_compile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lcsm_compile  # noqa: E402
 from lcsm_compile.backend import lcsm_backend
 from lcsm_compile.zoo import hyena_153m
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+GEMV_REALIZE = ("none", "activations", "all")  # decode_gemv_realize's values
+
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
 
 
@@ -58,6 +60,10 @@ class Settings:
     # holding all of K (0: inductor's own limit, 1024). An experiment, not yet measured: the H200
     # step profile has fc2's looped K = 1728 reduction at 0.95 TB/s, in_proj's persistent K = 864 at 3.1.
     decode_persistent_k: int = 0
+    # Store a decode product's vector once where inductor would recompute it in every program of
+    # the product: "activations" (behind gelu, silu, ...), "all" (behind any computed vector) or
+    # "none". Not yet measured (passes/decode_gemv.py).
+    decode_gemv_realize: str = "none"
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -100,6 +106,8 @@ class Settings:
             raise bad("decode_gemv_rows", "an int >= 0")
         if not isinstance(self.decode_gemv_splits, int) or self.decode_gemv_splits < 1:
             raise bad("decode_gemv_splits", "an int >= 1")
+        if self.decode_gemv_realize not in GEMV_REALIZE:
+            raise bad("decode_gemv_realize", f"one of {GEMV_REALIZE}")
         if not isinstance(self.decode_persistent_k, int) or self.decode_persistent_k < 0:
             raise bad("decode_persistent_k", "an int >= 0")
         if not isinstance(self.seq_dim, int):
