@@ -88,7 +88,6 @@ OPTION_FLAGS = (("--gemv-rows", "decode_gemv_rows", "gemv", int),
                 ("--gemv-kernel", "decode_gemv_kernel", "", str),
                 ("--gemv-splits", "decode_gemv_splits", "split", int),
                 ("--persistent-k", "decode_persistent_k", "persistent", int),
-                ("--realize", "decode_gemv_realize", "realize", str),
                 ("--pdl", "decode_pdl", "pdl", lambda v: bool(int(v))))
 
 

@@ -10,8 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-GEMV_REALIZE = ("none", "activations", "all")  # decode_gemv_realize's values
-
 INNER_BACKENDS = ("inductor", "eager", "aot_eager")
 
 
@@ -57,13 +55,10 @@ class Settings:
     # H200, Hyena-153M fp32, step_profile.py, 2026-12-01: 589.0 -> 541.0 us/token (floor 533 -> 491).
     decode_pdl: bool = True
     # Decode-step row reductions (the GEMVs) over up to this many elements are persistent, one block
-    # holding all of K (0: inductor's own limit, 1024). An experiment, not yet measured: the H200
-    # step profile has fc2's looped K = 1728 reduction at 0.95 TB/s, in_proj's persistent K = 864 at 3.1.
-    decode_persistent_k: int = 0
-    # Store a decode product's vector once where inductor would recompute it in every program of
-    # the product: "activations" (behind gelu, silu, ...), "all" (behind any computed vector) or
-    # "none". Not yet measured (passes/decode_gemv.py).
-    decode_gemv_realize: str = "none"
+    # holding all of K (0: inductor's own limit, 1024), where inductor would loop over K. H200,
+    # Hyena-153M fp32, step_profile.py, 2026-12-01, same run: 578.8 -> 513.2 us/token (floor graph
+    # 526 -> 465); fc2 (K = 1728) 9.8 -> 4.7 us.
+    decode_persistent_k: int = 2048
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -106,8 +101,6 @@ class Settings:
             raise bad("decode_gemv_rows", "an int >= 0")
         if not isinstance(self.decode_gemv_splits, int) or self.decode_gemv_splits < 1:
             raise bad("decode_gemv_splits", "an int >= 1")
-        if self.decode_gemv_realize not in GEMV_REALIZE:
-            raise bad("decode_gemv_realize", f"one of {GEMV_REALIZE}")
         if not isinstance(self.decode_persistent_k, int) or self.decode_persistent_k < 0:
             raise bad("decode_persistent_k", "an int >= 0")
         if not isinstance(self.seq_dim, int):

@@ -178,33 +178,3 @@ def test_persistent_choices_widen_only_static_row_reductions(monkeypatch):
     assert SegmentCompiler(persistent_k=4096).inductor_options(reductions=0) == {"fx_graph_cache": False}
     with pytest.raises(ValueError, match="decode_persistent_k"):
         Settings.from_options({"decode_persistent_k": -1})
-
-
-def _scaled_mlp(x, w1, b1, w2):
-    return F.linear(F.gelu(F.linear(2 * x, w1, b1)), w2)  # the first vector computed, not an input
-
-
-@pytest.mark.parametrize("realize, stored", [("none", 0), ("activations", 1), ("all", 2)])
-def test_realize_stores_the_vector_once_with_the_same_values(realize, stored):
-    from torch._inductor import metrics
-    from torch._inductor.compile_fx import compile_fx
-
-    args = _graph(1, torch.float32, 5)[1]
-    want = _scaled_mlp(*args)
-    nodes = {}
-    for mode in ("none", realize):
-        gm = make_fx(_scaled_mlp)(*args)
-        assert decompose_gemv(gm, max_rows=1, realize=mode) == 2
-        # materialize wraps the vector behind gelu ("activations") and behind 2 * x too ("all")
-        assert _targets(gm).count(torch.ops.lcsm.materialize.default) == {"none": 0, "activations": 1, "all": 2}[mode]
-        assert ((gm(*args) - want).norm() / want.norm()).item() <= 1e-6
-        metrics.reset()
-        out = compile_fx(gm, args)(*args)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        assert ((out - want).norm() / want.norm()).item() <= 1e-6
-        nodes[mode] = metrics.ir_nodes_pre_fusion
-    # each materialized vector is one more buffer in inductor's graph, not a value recomputed in
-    # every program of the product
-    assert nodes[realize] - nodes["none"] == stored
-    with pytest.raises(ValueError, match="realize must be"):
-        decompose_gemv(make_fx(_scaled_mlp)(*args), max_rows=1, realize="some")

@@ -10,77 +10,18 @@ coordinate-descent tuning (COMPILE_OPTIONS) picks block sizes near bandwidth.
 Only the step program's segments get this (their row count is the batch); prefill keeps cuBLAS.
 `kernel="triton"` makes each product one `lcsm::gemv` call instead (kernels/gemv.py: a
 hand-written GEMV, an extern call to inductor; its bias is fused, anything else is not).
-
-`realize`: inductor inlines a pointwise producer of the vector into the reduction's loads, so
-every program of the product recomputes it for its rows: fc2's gelu(fc1 out) is evaluated N times
-per element (864 x 1728 erf per token in Hyena-153M). `lcsm::materialize` marks the vector to be
-stored once by its producer's kernel instead ("activations": only behind transcendental
-activations; "all": behind any computed vector).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import fx
 
-from ..settings import GEMV_REALIZE as REALIZE
-
 aten = torch.ops.aten
 
-__all__ = ["decompose_gemv", "COMPILE_OPTIONS", "REALIZE", "materialize"]
+__all__ = ["decompose_gemv", "COMPILE_OPTIONS"]
 
 # inductor settings for segments whose products became reductions: tuned block sizes.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-# Producers worth storing once rather than recomputing in every program of the product.
-_ACTIVATIONS = {aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
-                aten.exp.default, aten.erf.default, aten.softplus.default, aten.mish.default,
-                aten.elu.default}
-# Ops that only re-view or re-type the vector: looked through to find its producer.
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
-          aten.squeeze.dim, aten.squeeze.default, aten.permute.default, aten.transpose.int,
-          aten.t.default, aten.clone.default, aten._to_copy.default, aten.expand.default}
-
-
-@torch.library.custom_op("lcsm::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """Identity; under inductor (lowering below) its input is stored rather than inlined."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@functools.cache
-def _register_lowering() -> bool:
-    """Lowers lcsm::materialize to "realize the input, read it back" (torch's own idiom for its
-    test op _inductor_test.realize). False if this torch's inductor lacks the hooks: then no
-    materialize node is inserted (an unlowered custom op would be an extra copy kernel)."""
-    try:
-        from torch._inductor.lowering import clone, register_lowering  # noqa: PLC0415
-
-        @register_lowering(torch.ops.lcsm.materialize.default)
-        def _lower(x):
-            x.realize()
-            return clone(x)
-    except (ImportError, AttributeError, TypeError):
-        return False
-    return True
-
-
-def _producer(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def _wants_realize(x: fx.Node, realize: str) -> bool:
-    src = _producer(x)
-    if realize == "none" or src.op != "call_function":
-        return False
-    return realize == "all" or src.target in _ACTIVATIONS
 
 
 def _rows(node: fx.Node) -> int | None:
@@ -90,19 +31,13 @@ def _rows(node: fx.Node) -> int | None:
     return val.shape[0]
 
 
-def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1,
-                   realize: str = "none") -> int:
+def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1) -> int:
     """Rewrites `mm(x, w)` and `addmm(b, x, w)` with at most `max_rows` rows of x in place:
     sum_k x[m, k] w[k, n] in fp32, cast back to the product's dtype, as a reduction (kernel
     "reduction"; with `splits` > 1 dividing K, partial sums over K / splits and then their sum)
-    or one `lcsm::gemv` node ("triton"). A reduction's vector goes through `lcsm::materialize`
-    where `realize` (REALIZE) asks. Returns how many."""
+    or one `lcsm::gemv` node ("triton"). Returns how many."""
     if kernel not in ("reduction", "triton"):
         raise ValueError(f"decompose_gemv: kernel must be 'reduction' or 'triton', got {kernel!r}")
-    if realize not in REALIZE:
-        raise ValueError(f"decompose_gemv: realize must be one of {REALIZE}, got {realize!r}")
-    if realize != "none" and not (kernel == "reduction" and _register_lowering()):
-        realize = "none"
     if kernel == "triton":
         from ..kernels.gemv import MAX_ROWS  # noqa: PLC0415 - registers lcsm::gemv (loads triton)
 
@@ -128,9 +63,6 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction",
                 y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
                 y.meta["val"] = out
             else:
-                if _wants_realize(x, realize):
-                    x = graph.call_function(torch.ops.lcsm.materialize.default, (x,))
-                    x.meta["val"] = x.args[0].meta["val"]
                 y = _reduction(graph, x, w, bias, out.dtype, splits)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
