@@ -73,7 +73,7 @@ def test_programmatic_dependent_launch_matches_eager(pdl):
 
 
 def test_persistent_reductions_match_eager():
-    """decode_persistent_k (off by default): the step's row reductions up to K kept persistent
+    """decode_persistent_k (default 2048; 4096 here): the step's row reductions up to K kept persistent
     through inductor's choices hook; the decoder is still the model."""
     model = _model("hyena_lm")
     x = ZOO["hyena_lm"].make_inputs(model, 1, 130, torch.Generator().manual_seed(3))[0].to(DEV)
