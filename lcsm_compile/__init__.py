@@ -64,3 +64,23 @@ __all__ = [
     "export_onnx",
     "generate",
 ]
+
+
+def _register_backend_without_install() -> None:
+    """`backend="lcsm"` comes from the package's entry point; run from a source tree (not
+    installed), the name is registered here instead, so it works the same way."""
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    if entry_points(group="torch_dynamo_backends", name="lcsm"):
+        return  # installed: torch loads the entry point itself (registering too would clash)
+    from torch._dynamo import register_backend  # noqa: PLC0415
+
+    def lcsm(gm, example_inputs, **kwargs):
+        from .backend import lcsm_backend  # noqa: PLC0415 - the passes load on first compile
+
+        return lcsm_backend(gm, example_inputs, **kwargs)
+
+    register_backend(lcsm, name="lcsm")
+
+
+_register_backend_without_install()

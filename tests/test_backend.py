@@ -1,4 +1,5 @@
 """The lcsm backend on the model zoo: parity with eager, exact rewrite counts, negatives untouched."""
+import os
 import warnings
 
 import pytest
@@ -281,3 +282,30 @@ def test_inductor_dynamic_length_with_inlined_short_convs():
         with torch.no_grad():
             assert _rel(compiled(*inputs), model(*inputs)) <= 1e-5
     assert lcsm_compile.counters["lowering"]["inlined_short_convs"] > 0
+
+
+def test_backend_name_works_from_a_source_tree_without_the_entry_point():
+    """Not installed (no entry point), `import lcsm_compile` registers "lcsm" itself: checked in a
+    fresh interpreter where the entry-point lookup finds nothing, by compiling a causal conv."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import importlib.metadata as md
+found = md.entry_points
+# as if the package were not installed: no dynamo backends found by entry point
+md.entry_points = lambda **kw: md.EntryPoints(()) if kw.get("group") == "torch_dynamo_backends" else found(**kw)
+import torch, lcsm_compile
+def f(u, h):
+    return lcsm_compile.causal_conv(u, h) * 2
+u, h = torch.randn(2, 4, 50), torch.randn(4, 50)
+got = torch.compile(f, backend="lcsm", options={"inner_backend": "eager"})(u, h)
+ref = lcsm_compile.causal_conv_reference(u, h) * 2
+print(float((got - ref).norm() / ref.norm()))
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
