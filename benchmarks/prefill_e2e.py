@@ -180,7 +180,9 @@ def save(args, rows: list) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result["tag"] = tag = (device.split()[1].lower() if len(device.split()) > 1 else "gpu") + f"_b{args.batch}" + ("" if args.mode == "default" else f"_{args.mode}")
+    tag = (device.split()[1].lower() if len(device.split()) > 1 else "gpu") + f"_b{args.batch}"
+    tag += "" if args.dtype == "autocast-bf16" else f"_{args.dtype}"  # fp32 runs do not overwrite bf16 ones
+    result["tag"] = tag = tag + ("" if args.mode == "default" else f"_{args.mode}")
     (out / f"prefill_e2e_{tag}.json").write_text(json.dumps(result, indent=1))
     return result
 
