@@ -35,7 +35,7 @@ def ours_total(costs: dict, L: int, start: int = P) -> float:
     n_levels = max(k for k in costs if k is not None) + 1 if any(k is not None for k in costs) else 0
     counts: dict = {}
     for t in range(start, L):
-        lv = level_at(t, P, L) if n_levels else None
+        lv = level_at(t, L) if n_levels else None
         counts[lv] = counts.get(lv, 0) + 1
     return sum(costs[lv] * c for lv, c in counts.items())
 

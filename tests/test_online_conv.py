@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from lcsm_compile.kernels import OnlineConv
 from lcsm_compile.kernels.online_conv import EagerOnlineConv, LazyOnlineConv, TiledOnlineConv
-from lcsm_compile.kernels.online_conv.schedule import num_levels, tile_at
+from lcsm_compile.kernels.online_conv.schedule import num_levels, prompt_tiles, tile_at
 
 
 def _rel(a, b):
@@ -57,7 +57,7 @@ THRESHOLDS = [0, 1, 2, 4, 8, 16, 1 << 30]
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     L=st.integers(1, 160),
-    P=st.sampled_from([0, 1, 7, 100]),
+    P=st.sampled_from([0, 1, 7, 13, 63, 100]),
     M=st.integers(1, 3),
     D=st.integers(1, 4),
     B=st.integers(1, 3),
@@ -77,7 +77,7 @@ def test_torch_path_fp64_equals_lazy(L, P, M, D, B, K, direct_max, seed):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     L=st.integers(2, 300),
-    P=st.sampled_from([0, 1, 7, 100]),
+    P=st.sampled_from([0, 1, 7, 13, 63, 100]),
     K=st.integers(1, 600),
     direct_max=st.sampled_from(THRESHOLDS),
     seed=st.integers(0, 2**31 - 1),
@@ -120,22 +120,35 @@ def test_references_agree(P):
 
 
 @pytest.mark.parametrize("L", [1, 2, 17, 64, 100])
-@pytest.mark.parametrize("P", [0, 1, 7])
+@pytest.mark.parametrize("P", [0, 1, 7, 13, 63, 64])
 def test_schedule_covers_every_pair_once_and_in_time(L, P):
+    """Prompt tiles (their outputs from P on) then one tile per step: every pair (s, t') with
+    s < t' and t' >= P is covered exactly once, before step t'; a prompt's tiles sum to P inputs."""
     P = min(P, L)
     covered = {}
-    for t in range(P, L):
-        # before step t every pair (s, t) with P <= s < t must be in
-        for s in range(P, t):
-            assert covered.get((s, t)) == 1, (s, t)
-        tile = tile_at(t, P, L)
-        if tile is None:
-            continue
-        assert tile.src + tile.size == t + 1 and tile.level < max(num_levels(L), 1)
-        for s in range(tile.src, tile.src + tile.size):
-            for q in range(tile.dst, min(tile.dst + tile.size, L)):
+
+    def cover(tile, start=0):
+        assert tile.src + tile.size == tile.dst and tile.size == 1 << tile.level
+        assert tile.level < max(num_levels(L), 1)
+        for s in range(tile.src, tile.dst):
+            for q in range(max(tile.dst, start), min(tile.dst + tile.size, L)):
                 covered[(s, q)] = covered.get((s, q), 0) + 1
+
+    tiles = prompt_tiles(P, L)
+    if P < L:
+        assert sum(t.size for t in tiles) == P  # one block per set bit of P
+    assert all(t.dst <= P < t.dst + t.size for t in tiles)
+    for tile in tiles:
+        cover(tile, start=P)
+    for t in range(P, L):
+        for s in range(t):  # before step t every pair (s, t) must be in
+            assert covered.get((s, t)) == 1, (s, t)
+        tile = tile_at(t, L)
+        if tile is not None:
+            assert tile.dst == t + 1
+            cover(tile)
     assert all(v == 1 for v in covered.values())
+    assert len(covered) == sum(range(P, L))  # exactly the pairs (s, t') with s < t', t' >= P
 
 
 def test_memory_state_and_spectra_within_4_MDL():

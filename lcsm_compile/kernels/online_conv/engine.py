@@ -19,7 +19,7 @@ cached spectra between a Triton gather and scatter.
 
 CUDA graphs. In the Triton path no launch argument depends on the position: the position lives
 in the device tensor `pos` (int64: [0] position for the steps, [1] its copy for the tiles,
-[2] prompt length), the step reads pos[0] and copies it to pos[1], every tile launch reads
+[2] prompt length, informational), the step reads pos[0] and copies it to pos[1], every tile launch reads
 pos[1] and writes pos[0] = t + 1. What changes with t is only *which* tile runs, one of
 `num_levels(max_len)` levels, and that the host knows without a sync. So:
 - `step(m, u_t, out=)` / `step_all(u, out=)` are replayable as they are (no host sync, no
@@ -32,6 +32,10 @@ pos[1] and writes pos[0] = t + 1. What changes with t is only *which* tile runs,
   inside their own graphs.
 Level-0 tiles (every other position) ride inside the step kernel (A[t+1] += h[1] u), so those
 positions cost one step launch plus the position update.
+
+Prefill: the prompt's own convolution (its filter cut to P taps) and the few tiles inside the
+prompt whose outputs reach past it (schedule.prompt_tiles, one per set bit of P): O(P log P),
+not a convolution of the prompt over all of max_len.
 
 Tile kinds (schedule.default_tiles, measured on an H100): direct tiles up to direct_max (32 for
 B < 4, 64 from B = 4), as scalar FMAs below dot_min and tl.dot from it (never at B < 4, from
@@ -50,7 +54,7 @@ from torch import Tensor
 from ..step_engine import StepEngine, resolve_backend
 from . import fft_tiles
 from .reference import compute_dtype
-from .schedule import default_tiles, level_at, num_levels, tile_at
+from .schedule import default_tiles, level_at, num_levels, prompt_tiles, tile_at
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,14 +118,19 @@ class OnlineConv(StepEngine):
 
     # ---------------------------------------------------------------- prompt and step
     def _prefill(self, m: int, u: Tensor, P: int) -> Tensor:
-        """A[m, ..., P:] gets the prompt's contribution; the history holds it."""
+        """y over the prompt; A[m, ..., P:] gets the contributions of the prompt's tiles that
+        reach past it (the later tiles read the prompt from the history, which holds it)."""
+        self.A[m, ..., P:].zero_()
         if P == 0:
-            self.A[m].zero_()
             return u.clone()
-        full = fft_tiles.prompt_convolution(u, self.h[m], self.max_len, self.work_bytes)
-        self.A[m, ..., P:] = full[..., P:]
         self.X[m, ..., :P] = u
-        return full[..., :P].to(self.dtype)
+        h = self.h[m]
+        for tile in prompt_tiles(P, self.max_len):
+            # the block's outputs over its 2U positions; those from P on go to A
+            U, end = tile.size, min(tile.dst + tile.size, self.max_len)
+            z = fft_tiles.prompt_convolution(u[..., tile.src : tile.dst], h[:, : 2 * U], 2 * U, self.work_bytes)
+            self.A[m, ..., P:end] += z[..., P - tile.src : end - tile.src]
+        return fft_tiles.prompt_convolution(u, h[:, :P], P, self.work_bytes).to(self.dtype)
 
     def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
         if self.backend == "triton":
@@ -138,7 +147,7 @@ class OnlineConv(StepEngine):
         """Level (log2 of the tile size) of the tiles after the current position's steps; -1: none."""
         if self._prompt_len is None:
             raise RuntimeError("OnlineConv: no prompt yet; call prefill first")
-        return level_at(self._position, self._prompt_len, self.max_len)
+        return level_at(self._position, self.max_len)
 
     def _advance_device(self) -> None:
         """The tiles of all mixers for the current position (replayed graphs once captured)."""
@@ -182,7 +191,7 @@ class OnlineConv(StepEngine):
         return lambda mi: fft_tiles.rows_spectrum(self.h[mi], 1 << level)
 
     def _run_tiles_torch(self) -> None:
-        tile = tile_at(self._position, self._prompt_len, self.max_len)
+        tile = tile_at(self._position, self.max_len)
         if tile is None:
             return
         U, src, dst = tile.size, tile.src, tile.dst

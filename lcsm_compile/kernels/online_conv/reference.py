@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ...ops import causal_conv_reference
-from .schedule import tile_at
+from .schedule import prompt_tiles, tile_at
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,11 +91,18 @@ class TiledOnlineConv(_OnlineReference):
         P = u.shape[-1]
         y = super().prefill(m, u)
         self.A[m].zero_()
-        if P:
-            full = torch.zeros(self.B, self.D, self.max_len, dtype=self.cdtype, device=u.device)
-            full[..., :P] = u.to(self.cdtype)
-            self.A[m, ..., P:] = causal_conv_reference(full, self.h[m])[..., P:]
+        for tile in prompt_tiles(P, self.max_len):  # the prompt's tiles that reach past it
+            self._tile(tile, m, start=P)
         return y
+
+    def _tile(self, tile, m=slice(None), start: int = 0) -> None:
+        """A[m, ..., t'] += the tile's contribution for t' in its outputs from `start` on."""
+        U, end = tile.size, min(tile.dst + tile.size, self.max_len)
+        block = self.X[m, ..., tile.src : tile.src + U]
+        g = self.h[m, ..., 1 : 2 * U].unsqueeze(-3)  # lags 1 .. 2U-1, broadcast over the batch
+        z = torch.fft.irfft(torch.fft.rfft(block, n=2 * U) * torch.fft.rfft(g, n=2 * U), n=2 * U)
+        lo = max(tile.dst, start)
+        self.A[m, ..., lo:end] += z[..., U - 1 + lo - tile.dst : U - 1 + end - tile.dst]
 
     def step(self, m: int, u_t: Tensor) -> Tensor:
         t = self.position
@@ -104,11 +111,7 @@ class TiledOnlineConv(_OnlineReference):
         return (self.A[m, ..., t] + self.h[m, :, 0] * u).to(self.dtype)
 
     def advance(self) -> None:
-        tile = tile_at(self.position, self.prompt_len, self.max_len)
+        tile = tile_at(self.position, self.max_len)
         if tile is not None:
-            U, n = tile.size, min(tile.size, self.max_len - tile.dst)
-            block = self.X[..., tile.src : tile.src + U]  # (M, B, D, U)
-            g = self.h[:, None, :, 1 : 2 * U]  # lags 1 .. 2U-1
-            z = torch.fft.irfft(torch.fft.rfft(block, n=2 * U) * torch.fft.rfft(g, n=2 * U), n=2 * U)
-            self.A[..., tile.dst : tile.dst + n] += z[..., U - 1 : U - 1 + n]
+            self._tile(tile)
         self.position += 1

@@ -1,11 +1,16 @@
 """The Flash Inference tile schedule (DESIGN.md §2), as plain integer functions.
 
-After a prompt of length P, the step at position t is followed by one tile: with i = t + 1 - P
-and U = i & -i (the largest power of two dividing i), the inputs X[t+1-U : t+1] add their
-contribution to A[t+1 : t+1+U] (clipped at max_len). The tile's *level* is log2(U).
+The schedule counts from position 0, whatever the prompt: the step at position t is followed by
+one tile: with i = t + 1 and U = i & -i (the largest power of two dividing i), the inputs
+X[t+1-U : t+1] add their contribution to A[t+1 : t+1+U] (clipped at max_len). The tile's *level*
+is log2(U). Every pair (s, t') with 0 <= s < t' < max_len is covered by exactly one tile, run
+after step s and before step t'.
 
-Every pair (s, t') with P <= s < t' < max_len is covered by exactly one tile, run after step s
-and before step t'.
+A prompt of length P arrives in one call, so the tiles of positions t < P do not run one by one:
+their outputs inside the prompt are the prompt's own convolution, and the ones reaching past it
+come from one tile per set bit of P (`prompt_tiles`), which the prefill runs for outputs >= P.
+A prefill is therefore O(P log P) whatever max_len; tiles after the prompt read its inputs from
+the history like any other.
 """
 from __future__ import annotations
 
@@ -39,21 +44,32 @@ def num_levels(max_len: int) -> int:
     return (max_len - 1).bit_length() if max_len >= 2 else 0
 
 
-def tile_at(t: int, prompt_len: int, max_len: int) -> Tile | None:
+def tile_at(t: int, max_len: int) -> Tile | None:
     """The tile that runs after the step at position t, or None when it would write nothing."""
+    if t < 0:
+        raise ValueError(f"position {t} is negative")
     if t + 1 >= max_len:
         return None
-    i = t + 1 - prompt_len
-    if i < 1:
-        raise ValueError(f"position {t} lies inside the prompt of length {prompt_len}")
-    size = i & -i
+    size = (t + 1) & -(t + 1)
     return Tile(src=t + 1 - size, dst=t + 1, size=size, level=size.bit_length() - 1)
 
 
-def level_at(t: int, prompt_len: int, max_len: int) -> int:
+def level_at(t: int, max_len: int) -> int:
     """The tile level after step t; -1 where no tile runs."""
-    tile = tile_at(t, prompt_len, max_len)
+    tile = tile_at(t, max_len)
     return -1 if tile is None else tile.level
+
+
+def prompt_tiles(prompt_len: int, max_len: int) -> list[Tile]:
+    """The tiles of positions inside a prompt whose outputs reach position prompt_len or later:
+    for each set bit k of P, the block of 2^k inputs ending where P's bits above k end. Their
+    outputs below P belong to the prompt's own convolution; the prefill adds those from P on."""
+    tiles = []
+    for k in range(prompt_len.bit_length()):
+        end = (prompt_len >> k) << k
+        if prompt_len >> k & 1 and end < max_len:
+            tiles.append(Tile(src=end - (1 << k), dst=end, size=1 << k, level=k))
+    return tiles
 
 
 def level_frequencies(n_levels: int) -> list[float]:

@@ -47,11 +47,10 @@ def _online_step_kernel(
     tl.store(x_ptr + ((m * B + o_b) * D + o_d) * L + t, b_u.to(x_ptr.dtype.element_ty), mask=m_n)
 
     if FUSE_LEVEL0:
-        p0 = tl.load(pos_ptr + 2)
-        # i = t + 1 - P odd, and t + 1 inside the sequence (kept vector-shaped: the interpreter
-        # mistypes a scalar & vector mask)
-        i_v = o_n * 0 + (t + 1 - p0)
-        m_1 = m_n & ((i_v % 2) == 1) & (i_v + p0 < L)
+        # i = t + 1 odd (the schedule counts from 0), and t + 1 inside the sequence (kept
+        # vector-shaped: the interpreter mistypes a scalar & vector mask)
+        i_v = o_n * 0 + (t + 1)
+        m_1 = m_n & ((i_v % 2) == 1) & (i_v < L)
         b_h1 = tl.load(p_h + 1, mask=m_1, other=0.0)
         b_a1 = tl.load(p_a + 1, mask=m_1, other=0.0)
         tl.store(p_a + 1, b_a1 + b_h1 * b_u.to(tl.float32), mask=m_1)
