@@ -256,6 +256,41 @@ def test_filter_extent_thresholds():
     assert filter_extent(torch.zeros(2, 7)) == 1
 
 
+def _extent_per_row(h):
+    """filter_extent's rule, one channel at a time in fp64 (the plain version of its fast path)."""
+    from lcsm_compile.passes.verify import TAIL_EPS, TAIL_MAX, TAP_EPS
+
+    eps, best = torch.finfo(h.dtype).eps, 1
+    for row in h.reshape(-1, h.shape[-1]).double().abs():
+        nz = row.nonzero()
+        exact = int(nz[-1]) + 1 if nz.numel() else 0
+        big = (row > TAP_EPS * eps * row.max()).nonzero()
+        sig = int(big[-1]) + 1 if big.numel() else 0
+        ok = row[sig:].sum() <= min(TAIL_EPS * eps, TAIL_MAX) * row.sum()
+        best = max(best, sig if ok else exact)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_filter_extent_matches_its_per_channel_rule(seed):
+    """Channels mixing exact-zero tails, round-off tails that are cut and small tails that add up
+    (only the rows with round-off-level taps at the end take the fp64 sums), awkward lengths."""
+    g = torch.Generator().manual_seed(seed)
+    C, L = 7, [1, 63, 1000, 4097, 300, 5][seed]
+    h = torch.zeros(C, L)
+    for c in range(C):
+        k = int(torch.randint(1, L + 1, (1,), generator=g))
+        h[c, :k] = torch.randn(k, generator=g) * 10 ** float(torch.randint(-3, 3, (1,), generator=g))
+        kind = int(torch.randint(0, 3, (1,), generator=g))
+        if kind == 1 and k < L:  # round-off past the filter
+            h[c, k:] = 1e-8 * h[c, :k].abs().max() * torch.randn(L - k, generator=g)
+        elif kind == 2 and k < L:  # taps each under round-off level whose sum is kept (long L) or not
+            k = max(1, min(k, L // 400))
+            h[c, k:] = 5e-7 * h[c, :k].abs().max()
+    assert filter_extent(h) == _extent_per_row(h)
+    assert filter_extent(torch.zeros(3, L)) == 1
+
+
 # --- 3. dynamo's restart exceptions pass through the backend ---------------------------------
 
 

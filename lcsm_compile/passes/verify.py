@@ -98,10 +98,15 @@ def filter_extent(h: Tensor) -> int:
             extent = max(extent, int(exact.max()))
             continue
         significant = _last(a > TAP_EPS * eps * a.amax(-1, keepdim=True), L)
-        beyond = torch.arange(L, device=a.device)[None, :] >= significant[:, None]
-        dropped = torch.where(beyond, a, torch.zeros((), dtype=a.dtype, device=a.device)).sum(-1, dtype=torch.float64)
-        ok = dropped <= min(TAIL_EPS * eps, TAIL_MAX) * a.sum(-1, dtype=torch.float64)
-        extent = max(extent, int(torch.where(ok, significant, exact).max()))
+        tails = (significant < exact).nonzero().squeeze(-1)  # rows with round-off-level taps at the end
+        if tails.numel():  # only they need the fp64 sums (a short filter padded to L has none)
+            a, sig = a[tails], significant[tails]
+            beyond = torch.arange(L, device=a.device)[None, :] >= sig[:, None]
+            zero = torch.zeros((), dtype=a.dtype, device=a.device)
+            dropped = torch.where(beyond, a, zero).sum(-1, dtype=torch.float64)
+            ok = dropped <= min(TAIL_EPS * eps, TAIL_MAX) * a.sum(-1, dtype=torch.float64)
+            exact = exact.index_put((tails,), torch.where(ok, sig, exact[tails]))
+        extent = max(extent, int(exact.max()))
     return extent
 
 
