@@ -67,7 +67,7 @@ def prompt_tiles(prompt_len: int, max_len: int) -> list[Tile]:
     tiles = []
     for k in range(prompt_len.bit_length()):
         end = (prompt_len >> k) << k
-        if prompt_len >> k & 1 and end < max_len:
+        if (prompt_len >> k) & 1 and end < max_len:
             tiles.append(Tile(src=end - (1 << k), dst=end, size=1 << k, level=k))
     return tiles
 
