@@ -20,8 +20,8 @@ cached spectra between a Triton gather and scatter.
 CUDA graphs. In the Triton path no launch argument depends on the position: the position lives
 in the device tensor `pos` (int64: [0] position for the steps, [1] its copy for the tiles,
 [2] the prompt length, which no kernel reads), the step reads pos[0] and copies it to pos[1],
-every tile launch reads pos[1] and writes pos[0] = t + 1. What changes with t is only *which* tile runs, one of
-`num_levels(max_len)` levels, and that the host knows without a sync. So:
+every tile launch reads pos[1] and writes pos[0] = t + 1. What changes with t is only *which*
+tile runs, one of `num_levels(max_len)` levels, and that the host knows without a sync. So:
 - `step(m, u_t, out=)` / `step_all(u, out=)` are replayable as they are (no host sync, no
   allocation when `out` is given); a compiled step program captures them inside its graph;
 - `run_tiles(level)` is the device work of one level (pure, capturable); `tile_level()` says
