@@ -142,6 +142,30 @@ def test_numpy_mixers_match_the_model(exported):
         assert max_error(dec.step(x[:, t : t + 1]), full[:, t : t + 1]) <= TOL, t
 
 
+@pytest.mark.parametrize("P, L", [(0, 9), (1, 40), (7, 40), (13, 100), (63, 64), (64, 200), (100, 100)])
+def test_numpy_engine_equals_the_lazy_sum(P, L):
+    """NumpyOnlineConv alone against the O(t) reference: prompts of every bit pattern (their
+    tiles reach past the prompt), up to max_len, and the steps after them."""
+    from lcsm_compile.export.online_conv_numpy import NumpyOnlineConv
+    from lcsm_compile.kernels.online_conv import LazyOnlineConv
+
+    g = torch.Generator().manual_seed(P + L)
+    M, B, D = 2, 2, 3
+    filters = torch.randn(M, D, L + 5, generator=g, dtype=torch.float64)
+    u = torch.randn(L, M, B, D, generator=g, dtype=torch.float64)
+    eng, ref = NumpyOnlineConv(filters.numpy(), B, L), LazyOnlineConv(filters, B, L)
+    for m in range(M):
+        prompt = u[:P, m].permute(1, 2, 0)
+        y, want = eng.prefill(m, prompt.numpy()), ref.prefill(m, prompt)
+        assert y.shape == (B, D, P) and np.allclose(y, want.numpy(), rtol=1e-10, atol=1e-10)
+    for t in range(P, L):
+        for m in range(M):
+            y, want = eng.step(m, u[t, m].numpy()), ref.step(m, u[t, m])
+            assert np.allclose(y, want.numpy(), rtol=1e-10, atol=1e-10), (t, m)
+        eng.advance()
+        ref.advance()
+
+
 @pytest.mark.parametrize("name", ["hyena_lm", "h3_lm"])
 def test_greedy_generation_gives_the_eager_tokens(exported, name):
     model, out, _ = exported(name)

@@ -1,8 +1,9 @@
 """NumpyOnlineConv: the online convolution engine of kernels/online_conv in numpy, for OnnxDecoder
 where torch is absent. Same calls as `OnlineConv` (prefill(m, u), step(m, u_t), advance()), same
-tiling (DESIGN.md §2): after a prompt of length P, one FFT convolution puts the prompt's
-contribution into the accumulators; at step t the tile of size U = i & -i (i = t + 1 - P) adds the
-block X[t+1-U : t+1] to A[t+1 : t+1+U] with a circular FFT of size 2U. fp64 accumulators.
+tiling (DESIGN.md §2, kernels/online_conv/schedule.py): at step t the tile of size U = i & -i
+(i = t + 1, the schedule counts from 0) adds the block X[t+1-U : t+1] to A[t+1 : t+1+U] with a
+circular FFT of size 2U; a prompt of length P is its own convolution plus, for each set bit of P,
+the tile inside it whose outputs reach past it (O(P log P), whatever max_len). fp64 accumulators.
 
 Deliberately torch-free (numpy only), like manifest.py and onnx_decoder.py.
 """
@@ -15,6 +16,12 @@ __all__ = ["NumpyOnlineConv"]
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _conv(u: np.ndarray, h: np.ndarray, length: int) -> np.ndarray:
+    """u (..., N) convolved with h (..., K), outputs [0, length), fp64."""
+    n = _pow2(u.shape[-1] + h.shape[-1] - 1)
+    return np.fft.irfft(np.fft.rfft(u.astype(np.float64), n) * np.fft.rfft(h, n), n)[..., :length]
 
 
 class NumpyOnlineConv:
@@ -51,13 +58,16 @@ class NumpyOnlineConv:
         if self._prompt_len is not None and P != self._prompt_len:
             raise ValueError(f"NumpyOnlineConv: every mixer's prompt must have length {self._prompt_len}, got {P}")
         h = self.h[m]
-        span = min(P + h.shape[-1] - 1, self.max_len)
-        n = _pow2(P + h.shape[-1] - 1)
-        full = np.fft.irfft(np.fft.rfft(u.astype(np.float64), n) * np.fft.rfft(h, n), n)[..., :span]
-        self.A[m, ..., P:span] = full[..., P:]
+        self.A[m, ..., P:] = 0
         self.X[m, ..., :P] = u
+        for k in range(P.bit_length()):  # schedule.prompt_tiles
+            U, end = 1 << k, (P >> k) << k
+            if (P >> k) & 1 and end < self.max_len:
+                hi = min(end + U, self.max_len)
+                z = _conv(u[..., end - U : end], h[:, : 2 * U], 2 * U)  # outputs from the block's start
+                self.A[m, ..., P:hi] += z[..., P - end + U : hi - end + U]
         self._prompt_len = self._position = P
-        return full[..., :P].astype(u.dtype)
+        return _conv(u, h[:, :P], P).astype(u.dtype)
 
     def step(self, m: int, u_t: np.ndarray) -> np.ndarray:
         """y_t (B, D) of mixer m at the current position; u_t (B, D) joins the history."""
@@ -78,8 +88,7 @@ class NumpyOnlineConv:
             raise RuntimeError(f"NumpyOnlineConv: advance before mixer(s) "
                                f"{sorted(set(range(self.M)) - self._stepped)} stepped")
         t = self._position
-        i = t + 1 - self._prompt_len
-        U = i & -i
+        U = (t + 1) & -(t + 1)
         dst = t + 1
         if dst < self.max_len:
             n = min(U, self.max_len - dst)
