@@ -8,8 +8,9 @@ launch reads a slot that the same launch writes, so there is no race, and no arg
 launch depends on t: the step and the tiles replay under CUDA graphs.
 
 With FUSE_LEVEL0, the step also runs this position's level-0 tile when there is one
-(i = t + 1 odd; the schedule counts from 0): A[t+1] += h[1] * u. It depends on this mixer's own u only, costs two
-loads and a store in the same launch, and saves a launch on every other token.
+(i = t + 1 odd; the schedule counts from 0): A[t+1] += h[1] * u. It depends on this mixer's
+own u only, costs two loads and a store in the same launch, and saves a launch on every other
+token.
 """
 from __future__ import annotations
 
