@@ -59,6 +59,10 @@ class Settings:
     # Hyena-153M fp32, step_profile.py, 2026-12-01, same run: 578.8 -> 513.2 us/token (floor graph
     # 526 -> 465); fc2 (K = 1728) 9.8 -> 4.7 us.
     decode_persistent_k: int = 2048
+    # Decode steps: a layer norm whose output only feeds GEMV reductions is recomputed inside each
+    # of them (passes/decode_norm.py), saving its own kernel (two per Hyena-153M layer). An
+    # experiment, off until measured on a GPU.
+    decode_fuse_norm: bool = False
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -84,7 +88,7 @@ class Settings:
 
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
             raise bad("max_len", "a positive int or None")
-        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs", "decode_pdl"):
+        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs", "decode_pdl", "decode_fuse_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
         if self.inner_backend not in INNER_BACKENDS:

@@ -86,6 +86,22 @@ def test_persistent_reductions_match_eager():
     assert err <= 1e-4, f"{err:.2e}"
 
 
+def test_norms_in_products_match_eager():
+    """decode_fuse_norm (off by default): layer norms recomputed inside the step's GEMV
+    reductions; the decoder is still the model."""
+    model = _model("hyena_lm")
+    x = ZOO["hyena_lm"].make_inputs(model, 1, 130, torch.Generator().manual_seed(4))[0].to(DEV)
+    with torch.no_grad():
+        ref = model(x)
+    lcsm_compile.counters.clear()
+    dec = lcsm_compile.decoder(model, x[:, :7], max_len=130, inner_backend="inductor", decode_fuse_norm=True)
+    assert dec.program.compiler.fuse_norm
+    outs = [dec.prefill(x[:, :7])] + [dec.step(x[:, t : t + 1]) for t in range(7, 130)]
+    assert lcsm_compile.counters["decode"]["norms_in_gemv"] > 0
+    err = _rel_per_position(torch.cat(outs, 1), ref[:, 6:])
+    assert err <= 1e-4, f"{err:.2e}"
+
+
 def test_generate_and_serving_on_gpu():
     model = _model("hyena_lm")
     ids = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
