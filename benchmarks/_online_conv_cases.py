@@ -275,7 +275,7 @@ def ours_cost(M, D, B, L, direct_max, dot_min, check_positions, breakdown):
     eng.reset()
     eng.prefill_all(torch.empty(M, B, D, 0, device=DEV, dtype=SDT))
     run = Runner(eng, lambda: eng.step_all(u_buf, out=y_buf))
-    levels = [level_at(t, 0, L) for t in range(L)]
+    levels = [level_at(t, L) for t in range(L)]
     api, tight = [], []
     for _ in range(2 if L <= 1 << 14 else 1):
         eng.reset()
