@@ -26,6 +26,18 @@ def _rel_per_position(got, want):
     return ((g - w).norm(dim=(0, 2)) / w.norm(dim=(0, 2)).clamp_min(1e-30)).max().item()
 
 
+def _inductor_decoder_error(seed: int, prompt: int, length: int, **options):
+    """hyena_lm decoded with inductor segments and `options` (B = 1) against its eager forward:
+    the decoder and its worst relative error per position."""
+    model = _model("hyena_lm")
+    x = ZOO["hyena_lm"].make_inputs(model, 1, length, torch.Generator().manual_seed(seed))[0].to(DEV)
+    with torch.no_grad():
+        ref = model(x)
+    dec = lcsm_compile.decoder(model, x[:, :prompt], max_len=length, inner_backend="inductor", **options)
+    outs = [dec.prefill(x[:, :prompt])] + [dec.step(x[:, t : t + 1]) for t in range(prompt, length)]
+    return dec, _rel_per_position(torch.cat(outs, 1), ref[:, prompt - 1 :])
+
+
 @pytest.mark.parametrize("name, backend", [("hyena_lm", "inductor"), ("h3_lm", "eager"), ("long_conv", "eager")])
 def test_cuda_graph_decoder_matches_eager(name, backend):
     model = _model(name)
@@ -45,15 +57,9 @@ def test_cuda_graph_decoder_matches_eager(name, backend):
 def test_gemv_at_batch_one_match_eager(kernel, counter):
     """decode_gemv_rows (default 1): the inductor segments' products as tuned reductions, or as
     lcsm::gemv calls (decode_gemv_kernel="triton")."""
-    model = _model("hyena_lm")
-    x = ZOO["hyena_lm"].make_inputs(model, 1, 200, torch.Generator().manual_seed(1))[0].to(DEV)
-    with torch.no_grad():
-        ref = model(x)
     lcsm_compile.counters.clear()
-    dec = lcsm_compile.decoder(model, x[:, :13], max_len=200, inner_backend="inductor", decode_gemv_kernel=kernel)
+    _, err = _inductor_decoder_error(1, 13, 200, decode_gemv_kernel=kernel)
     assert lcsm_compile.counters["decode"][counter] > 0
-    outs = [dec.prefill(x[:, :13])] + [dec.step(x[:, t : t + 1]) for t in range(13, 200)]
-    err = _rel_per_position(torch.cat(outs, 1), ref[:, 12:])
     assert err <= 1e-4, f"{err:.2e}"
 
 
@@ -75,30 +81,17 @@ def test_programmatic_dependent_launch_matches_eager(pdl):
 def test_persistent_reductions_match_eager():
     """decode_persistent_k (default 2048; 4096 here): the step's row reductions up to K kept persistent
     through inductor's choices hook; the decoder is still the model."""
-    model = _model("hyena_lm")
-    x = ZOO["hyena_lm"].make_inputs(model, 1, 130, torch.Generator().manual_seed(3))[0].to(DEV)
-    with torch.no_grad():
-        ref = model(x)
-    dec = lcsm_compile.decoder(model, x[:, :7], max_len=130, inner_backend="inductor", decode_persistent_k=4096)
+    dec, err = _inductor_decoder_error(3, 7, 130, decode_persistent_k=4096)
     assert dec.program.compiler.persistent_k == 4096
-    outs = [dec.prefill(x[:, :7])] + [dec.step(x[:, t : t + 1]) for t in range(7, 130)]
-    err = _rel_per_position(torch.cat(outs, 1), ref[:, 6:])
     assert err <= 1e-4, f"{err:.2e}"
 
 
 def test_norms_in_products_match_eager():
     """decode_fuse_norm (off by default): layer norms recomputed inside the step's GEMV
     reductions; the decoder is still the model."""
-    model = _model("hyena_lm")
-    x = ZOO["hyena_lm"].make_inputs(model, 1, 130, torch.Generator().manual_seed(4))[0].to(DEV)
-    with torch.no_grad():
-        ref = model(x)
     lcsm_compile.counters.clear()
-    dec = lcsm_compile.decoder(model, x[:, :7], max_len=130, inner_backend="inductor", decode_fuse_norm=True)
-    assert dec.program.compiler.fuse_norm
-    outs = [dec.prefill(x[:, :7])] + [dec.step(x[:, t : t + 1]) for t in range(7, 130)]
-    assert lcsm_compile.counters["decode"]["norms_in_gemv"] > 0
-    err = _rel_per_position(torch.cat(outs, 1), ref[:, 6:])
+    dec, err = _inductor_decoder_error(4, 7, 130, decode_fuse_norm=True)
+    assert dec.program.compiler.fuse_norm and lcsm_compile.counters["decode"]["norms_in_gemv"] > 0
     assert err <= 1e-4, f"{err:.2e}"
 
 
