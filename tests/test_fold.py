@@ -274,10 +274,55 @@ def test_fold_probes_with_batch_one_when_it_can(cls, monkeypatch):
     assert not rejected and kept[0].h.shape == (model.k.shape[0], model.max_len)
     h = kept[0].h  # its own storage, not a row of the (5, D, max_len) probe response
     assert h.untyped_storage().nbytes() == h.numel() * h.element_size()
+    # one run per impulse: f(0) was exactly 0 wherever verify probed, so fold skips the zero probe
+    assert mixers[0].offset_free
     if cls is PerturbedFilter:
-        assert batches == [1, 1]
+        assert batches == [1]
     else:
-        assert batches[-2:] == [5, 5]  # tried at 1, fell back to the captured batch
+        assert batches == [1, 5]  # tried at 1, fell back to the captured batch
     ref = model.k.detach() if cls is StaticBatchConv else None
     if ref is not None:
         assert torch.allclose(kept[0].h, ref, atol=1e-5)
+
+
+class BiasedConv(nn.Module):
+    """A causal FFT convolution plus a per-channel constant: f(0) = b, not 0."""
+
+    def __init__(self, D=3, max_len=64):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.k = nn.Parameter(torch.randn(D, max_len, generator=g) * torch.exp(-torch.arange(max_len) / 10.0))
+        self.b = nn.Parameter(torch.randn(D, 1, generator=g))
+        self.max_len = max_len
+
+    def forward(self, x):  # (B, L, D)
+        L = x.shape[1]
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(self.k[:, :L], n=2 * L), n=2 * L)[..., :L]
+        return (y + self.b).transpose(1, 2)
+
+
+@pytest.mark.parametrize("cls", [BiasedConv, PerturbedFilter])
+def test_fold_skips_the_zero_probe_only_without_an_offset(cls, monkeypatch):
+    """The filter at max_len is f(delta) - f(0); f(0) is evaluated unless verify saw it exactly 0
+    at every length it probed, and the filter is the same either way."""
+    model = cls()
+    x = torch.randn(2, 30, model.k.shape[0], generator=torch.Generator().manual_seed(2))
+    cg, mixers, rejections = verified(model, x)
+    assert len(mixers) == 1 and not rejections
+    assert mixers[0].offset_free is (cls is PerturbedFilter)
+    assert (mixers[0].bias is not None) is (cls is BiasedConv)
+    runs = []
+    apply = type(mixers[0].fn).apply
+
+    def spy(self, u, constants):
+        runs.append(u.shape)
+        return apply(self, u, constants)
+
+    monkeypatch.setattr(type(mixers[0].fn), "apply", spy)
+    kept, rejected = fold(cg, mixers, Settings())
+    assert not rejected and len(runs) == (2 if cls is BiasedConv else 1)
+    cg2, mixers2, _ = verified(model, x)
+    mixers2[0].offset_free = False  # the two-probe way
+    assert torch.equal(kept[0].h, fold(cg2, mixers2, Settings())[0][0].h)
+    assert torch.allclose(kept[0].h, model.k.detach(), atol=1e-5)

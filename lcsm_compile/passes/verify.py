@@ -46,6 +46,7 @@ class Mixer:
     h: Tensor  # (C, L) canonical filter, skip folded into h[:, 0]
     bias: Tensor | None  # (C,) constant offset, or None
     length: int  # length h was computed at
+    offset_free: bool = False  # f(0) was exactly 0 at every length probed: impulses need no zero probe
 
     @property
     def kind(self) -> str:
@@ -181,12 +182,13 @@ def _device(cg: CapturedGraph) -> torch.device:
     return torch.device("cpu")
 
 
-def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0):
-    z = torch.zeros(shape, dtype=dtype, device=device)
-    c = fn(z)
-    d = z.clone()
+def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0, offset_free: bool = False):
+    """(f(delta at `at`) - f(0), f(0)); with `offset_free` (f(0) known to be exactly 0), f(0) is
+    not evaluated and comes back as None: one run of the region instead of two."""
+    d = torch.zeros(shape, dtype=dtype, device=device)
+    c = None if offset_free else fn(d)
     d.select(axis, at).fill_(1)
-    return fn(d) - c, c
+    return (fn(d), c) if offset_free else (fn(d) - c, c)
 
 
 def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixer:
@@ -280,7 +282,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
                 if _rel(mid.narrow(axis, L // 2, n), shifted) > tol:
                     raise VerifyError("not time-invariant: the filter changes with position")
             raise VerifyError(f"does not match a causal convolution (relative error {err:.2e})")
-    mixer = Mixer(region, fn, axis, bcast, chan, h, bias, L)
+    mixer = Mixer(region, fn, axis, bcast, chan, h, bias, L, offset_free=not bool(c.any()))
     _check_lengths(cg, mixer, shape, dtype, device, tol, probes)
     return mixer
 
@@ -333,6 +335,7 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
     shp = tuple(L2 if d == axis else s for d, s in enumerate(shape))
     try:
         h2_full, c2 = impulse_response(fn, shp, axis, dtype, device)
+        mixer.offset_free = mixer.offset_free and not bool(c2.any())
         if tuple(h2_full.shape) != shp:
             return  # nor would the model: its output there is not one value per position
         if _leaks(fn, shp, axis, dtype, device, max(_norm(h2_full), 1e-30), tol):
