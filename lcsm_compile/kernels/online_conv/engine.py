@@ -124,13 +124,9 @@ class OnlineConv(StepEngine):
         if P == 0:
             return u.clone()
         self.X[m, ..., :P] = u
-        h = self.h[m]
         for tile in prompt_tiles(P, self.max_len):
-            # the block's outputs over its 2U positions; those from P on go to A
-            U, end = tile.size, min(tile.dst + tile.size, self.max_len)
-            z = fft_tiles.prompt_convolution(u[..., tile.src : tile.dst], h[:, : 2 * U], 2 * U, self.work_bytes)
-            self.A[m, ..., P:end] += z[..., P - tile.src : end - tile.src]
-        return fft_tiles.prompt_convolution(u, h[:, :P], P, self.work_bytes).to(self.dtype)
+            self._tile_torch(tile, slice(m, m + 1), start=P)
+        return fft_tiles.prompt_convolution(u, self.h[m, :, :P], P, self.work_bytes).to(self.dtype)
 
     def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
         if self.backend == "triton":
@@ -192,17 +188,22 @@ class OnlineConv(StepEngine):
 
     def _run_tiles_torch(self) -> None:
         tile = tile_at(self._position, self.max_len)
-        if tile is None:
-            return
+        if tile is not None:
+            self._tile_torch(tile)
+
+    def _tile_torch(self, tile, mixers: slice = slice(None), start: int = 0) -> None:
+        """One tile, host-indexed, for `mixers`: its outputs from `start` on (the prefill runs the
+        prompt's tiles for the positions past the prompt only)."""
         U, src, dst = tile.size, tile.src, tile.dst
-        n = min(U, self.max_len - dst)
+        lo, end = max(dst, start), min(dst + U, self.max_len)
+        X, A, h = self.X[mixers], self.A[mixers], self.h[mixers]
         if U <= self.direct_max:
             # T[p, j] = h[U + p - j]: lags 1 .. 2U-1 of a filter zero-padded to 2U taps.
-            taps = torch.nn.functional.pad(self.h[..., : 2 * U], (0, max(0, 2 * U - self.h.shape[-1])))
+            taps = torch.nn.functional.pad(h[..., : 2 * U], (0, max(0, 2 * U - h.shape[-1])))
             ar = torch.arange(U, device=self.device)
             T = taps[..., U + ar[:, None] - ar[None, :]]  # (M, D, U, U)
-            block = self.X[..., src : src + U].to(self.cdtype)
-            self.A[..., dst : dst + n] += torch.einsum("mbdj,mdpj->mbdp", block, T)[..., :n]
+            block = X[..., src : src + U].to(self.cdtype)
+            A[..., lo:end] += torch.einsum("mbdj,mdpj->mbdp", block, T)[..., lo - dst : end - dst]
             return
 
         def load(x_rows: Tensor) -> Tensor:
@@ -211,9 +212,10 @@ class OnlineConv(StepEngine):
             return w
 
         def store(z: Tensor, a_rows: Tensor) -> None:
-            a_rows[..., dst : dst + n] += z[..., U - 1 : U - 1 + n]
+            a_rows[..., lo:end] += z[..., U - 1 + lo - dst : U - 1 + end - dst]
 
-        fft_tiles.fft_tile(self.X, self.A, self._spectrum(tile.level), U, self.work_bytes, load, store)
+        spectrum, first, rows = self._spectrum(tile.level), mixers.start or 0, X.shape[0]
+        fft_tiles.fft_tile(X, A, lambda mi: spectrum(_offset(mi, first, rows)), U, self.work_bytes, load, store)
 
     def capture_graphs(self) -> None:
         """Capture one CUDA graph per tile level; advance() then replays them (graphs.py)."""
@@ -224,3 +226,11 @@ class OnlineConv(StepEngine):
     def __repr__(self) -> str:
         return (f"OnlineConv(M={self.M}, D={self.D}, B={self.B}, max_len={self.max_len}, dtype={self.dtype}, "
                 f"backend={self.backend}, direct_max={self.direct_max}, position={self._position})")
+
+
+def _offset(mi: int | slice, first: int, rows: int) -> int | slice:
+    """Rows `mi` of the `rows` mixers from `first` on, as rows of the whole engine."""
+    if isinstance(mi, int):
+        return mi + first
+    start, stop, _ = mi.indices(rows)
+    return slice(start + first, stop + first)

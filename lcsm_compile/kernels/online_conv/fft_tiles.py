@@ -74,8 +74,8 @@ def fft_tile(X: Tensor, A: Tensor, spectrum: Callable[[object], Tensor], U: int,
 
 
 def prompt_convolution(u: Tensor, h: Tensor, max_len: int, work_bytes: int) -> Tensor:
-    """u (B, D, P) convolved with h (D, KH), outputs [0, max_len) (the prompt's y at max_len = P,
-    a prompt tile's outputs at 2U), in h's dtype; channels in chunks of about work_bytes."""
+    """u (B, D, P) convolved with h (D, KH), outputs [0, max_len) in h's dtype (the prefill's y at
+    max_len = P); channels in chunks of about work_bytes."""
     B, D, P = u.shape
     KH = h.shape[-1]
     n = fft_size(max(max_len, P + KH - 1))
