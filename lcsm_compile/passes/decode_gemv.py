@@ -18,7 +18,7 @@ from torch import fx
 
 aten = torch.ops.aten
 
-__all__ = ["decompose_gemv", "COMPILE_OPTIONS"]
+__all__ = ["decompose_gemv", "product_sum", "COMPILE_OPTIONS"]
 
 # inductor settings for segments whose products became reductions: tuned block sizes.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
@@ -88,9 +88,18 @@ def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dt
         ws = call(aten.reshape.default, (ws, [1, splits, K // splits, N]))
         part = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [2]))  # (M, splits, N)
         y = call(aten.sum.dim_IntList, (part, [1]))
-    else:
-        xs, ws = call(aten.unsqueeze.default, (xs, 2)), call(aten.unsqueeze.default, (ws, 0))
-        y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
+        if bias is not None:
+            y = call(aten.add.Tensor, (y, bias))
+        return call(aten._to_copy.default, (y,), {"dtype": dtype})
+    return product_sum(graph, call(aten.unsqueeze.default, (xs, 2)), call(aten.unsqueeze.default, (ws, 0)),
+                       bias, dtype)
+
+
+def product_sum(graph: fx.Graph, xs: fx.Node, ws: fx.Node, bias: fx.Node | None, dtype: torch.dtype) -> fx.Node:
+    """sum_k xs[m, k, n] ws[0, k, n] (+ bias), cast to `dtype`: the reduction every decode product
+    becomes (xs (M, K, 1) or (M, K, N) and ws (1, K, N), both in the accumulation dtype)."""
+    call = graph.call_function
+    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
     if bias is not None:
         y = call(aten.add.Tensor, (y, bias))
     return call(aten._to_copy.default, (y,), {"dtype": dtype})

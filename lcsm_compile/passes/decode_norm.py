@@ -4,7 +4,7 @@ At one position a layer norm is a reduction over one vector (K = 864 values in H
 its output feeds a GEMV whose programs each cover a few output rows. Inductor computes the norm
 in a kernel of its own, because the GEMV before it must finish first (its output is the norm's
 input), so each layer pays two launches for its two norms (~3.5 µs per Hyena-153M layer on an
-H200, benchmarks/NOTES_decode_floor.md). Written as a reduction over the (rows, N, K) space the
+H200, benchmarks/NOTES_decode_floor.md). Written as a reduction over the (rows, K, N) space the
 product already iterates, every program recomputes the norm's mean and variance of the vector it
 loads anyway, and inductor emits norm and product as one persistent reduction:
 
@@ -20,6 +20,8 @@ import operator
 
 import torch
 from torch import fx
+
+from .decode_gemv import product_sum
 
 aten = torch.ops.aten
 
@@ -107,21 +109,22 @@ def _norm_product(graph: fx.Graph, x: fx.Node, K: int, weight, bias, eps, ln_dty
     out = product.meta["val"]
     M, N = out.shape
     acc = torch.float64 if torch.float64 in (ln_dtype, out.dtype) else torch.float32
-    xs = call(aten._to_copy.default, (call(aten.reshape.default, (x, [M, 1, K])),), {"dtype": acc})
-    xe = call(aten.expand.default, (xs, [M, N, K]))  # every output row reduces the vector itself
-    mean = call(aten.mean.dim, (xe, [2], True))
+
+    def vec(v):  # a (K,) norm parameter along dim 1 of the (M, K, N) product space, in acc
+        return call(aten._to_copy.default, (call(aten.reshape.default, (v, [K, 1])),), {"dtype": acc})
+
+    xs = call(aten._to_copy.default, (call(aten.reshape.default, (x, [M, K, 1])),), {"dtype": acc})
+    xe = call(aten.expand.default, (xs, [M, K, N]))  # every output column reduces the vector itself
+    mean = call(aten.mean.dim, (xe, [1], True))
     xc = call(aten.sub.Tensor, (xe, mean))
-    var = call(aten.mean.dim, (call(aten.mul.Tensor, (xc, xc)), [2], True))
+    var = call(aten.mean.dim, (call(aten.mul.Tensor, (xc, xc)), [1], True))
     xn = call(aten.mul.Tensor, (xc, call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))))
     if weight is not None:
-        xn = call(aten.mul.Tensor, (xn, call(aten._to_copy.default, (weight,), {"dtype": acc})))
+        xn = call(aten.mul.Tensor, (xn, vec(weight)))
     if bias is not None:
-        xn = call(aten.add.Tensor, (xn, call(aten._to_copy.default, (bias,), {"dtype": acc})))
+        xn = call(aten.add.Tensor, (xn, vec(bias)))
     for dtype in (ln_dtype, *casts):  # the norm's output dtype, then the graph's casts before the product
         if dtype != acc:
             xn = call(aten._to_copy.default, (call(aten._to_copy.default, (xn,), {"dtype": dtype}),), {"dtype": acc})
-    wt = call(aten._to_copy.default, (call(aten.permute.default, (w, [1, 0])),), {"dtype": acc})  # (N, K)
-    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xn, wt)), [2]))
-    if b_out is not None:
-        y = call(aten.add.Tensor, (y, b_out))
-    return call(aten._to_copy.default, (y,), {"dtype": out.dtype})
+    ws = call(aten.unsqueeze.default, (call(aten._to_copy.default, (w,), {"dtype": acc}), 0))  # (1, K, N)
+    return product_sum(graph, xn, ws, b_out, out.dtype)
