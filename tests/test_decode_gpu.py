@@ -87,7 +87,7 @@ def test_persistent_reductions_match_eager():
 
 
 def test_norms_in_products_match_eager():
-    """decode_fuse_norm (off by default): layer norms recomputed inside the step's GEMV
+    """decode_fuse_norm: layer norms recomputed inside the step's GEMV
     reductions; the decoder is still the model."""
     lcsm_compile.counters.clear()
     dec, err = _inductor_decoder_error(4, 7, 130, decode_fuse_norm=True)
