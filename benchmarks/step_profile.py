@@ -89,8 +89,7 @@ OPTION_FLAGS = (("--gemv-rows", "decode_gemv_rows", "gemv", int),
                 ("--gemv-splits", "decode_gemv_splits", "split", int),
                 ("--persistent-k", "decode_persistent_k", "persistent", int),
                 ("--pdl", "decode_pdl", "pdl", lambda v: bool(int(v))),
-                ("--fuse-norm", "decode_fuse_norm", "fusenorm", lambda v: bool(int(v))),
-                ("--weights-first", "decode_weights_first", "wfirst", lambda v: bool(int(v))))
+                ("--fuse-norm", "decode_fuse_norm", "fusenorm", lambda v: bool(int(v))))
 
 
 def _dest(flag: str) -> str:

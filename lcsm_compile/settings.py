@@ -65,9 +65,6 @@ class Settings:
     # Hyena-153M fp32, step_profile.py, 2026-12-01, same run: 504.3 -> 456.6 us/token (floor graph
     # 445.9 -> 397.7, 149 -> 114 kernels per token).
     decode_fuse_norm: bool = True
-    # Decode-step products written w * x, so the weight's load comes before the wait for the
-    # previous kernel under PDL (decode_gemv.product_sum). An experiment: off until measured.
-    decode_weights_first: bool = False
     # Time dimension of the graph inputs that carry a sequence (batch-first models: 1).
     seq_dim: int = 1
 
@@ -93,8 +90,7 @@ class Settings:
 
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
             raise bad("max_len", "a positive int or None")
-        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs", "decode_pdl", "decode_fuse_norm",
-                     "decode_weights_first"):
+        for name in ("strict", "verify", "decode", "modal_recurrence", "cuda_graphs", "decode_pdl", "decode_fuse_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
         if self.inner_backend not in INNER_BACKENDS:

@@ -44,26 +44,6 @@ def test_products_become_reductions_with_the_same_values(rows, seed):
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
 
 
-def _mul_operands(gm):
-    """Each product's operands as "x" or "w": x is unsqueezed at dim 2, w at dim 0."""
-    return [tuple({2: "x", 0: "w"}[a.args[1]] for a in n.args) for n in gm.graph.nodes if n.target is aten.mul.Tensor]
-
-
-@pytest.mark.parametrize("rows", [1, 3])
-def test_weights_first_products_are_the_same_values(rows):
-    """decode_weights_first writes w * x: the weight becomes the first operand (its load first
-    under PDL) and the values stay bitwise those of x * w."""
-    gm, args = _graph(rows, torch.float32, 2)
-    gm_w, _ = _graph(rows, torch.float32, 2)
-    assert decompose_gemv(gm, max_rows=4) == 2 and decompose_gemv(gm_w, max_rows=4, weights_first=True) == 2
-    ops, ops_w = _mul_operands(gm), _mul_operands(gm_w)
-    assert ops == [("x", "w")] * 2 and ops_w == [("w", "x")] * 2
-    assert torch.equal(gm(*args), gm_w(*args))
-    assert Settings.from_options({"decode_weights_first": True}).decode_weights_first
-    with pytest.raises(ValueError, match="decode_weights_first"):
-        Settings.from_options({"decode_weights_first": 1})
-
-
 @pytest.mark.parametrize("splits", [2, 3, 4])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_split_reductions_have_the_same_values(splits, rows):

@@ -31,12 +31,11 @@ def _rows(node: fx.Node) -> int | None:
     return val.shape[0]
 
 
-def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1,
-                   weights_first: bool = False) -> int:
+def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1) -> int:
     """Rewrites `mm(x, w)` and `addmm(b, x, w)` with at most `max_rows` rows of x in place:
     sum_k x[m, k] w[k, n] in fp32, cast back to the product's dtype, as a reduction (kernel
     "reduction"; with `splits` > 1 dividing K, partial sums over K / splits and then their sum)
-    or one `lcsm::gemv` node ("triton"). `weights_first`: see product_sum. Returns how many."""
+    or one `lcsm::gemv` node ("triton"). Returns how many."""
     if kernel not in ("reduction", "triton"):
         raise ValueError(f"decompose_gemv: kernel must be 'reduction' or 'triton', got {kernel!r}")
     if kernel == "triton":
@@ -64,7 +63,7 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction",
                 y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
                 y.meta["val"] = out
             else:
-                y = _reduction(graph, x, w, bias, out.dtype, splits, weights_first)
+                y = _reduction(graph, x, w, bias, out.dtype, splits)
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         count += 1
@@ -75,7 +74,7 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction",
 
 
 def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dtype: torch.dtype,
-               splits: int = 1, weights_first: bool = False) -> fx.Node:
+               splits: int = 1) -> fx.Node:
     """sum_k x[m, k] w[k, n] (+ bias) in fp32 (fp64 for fp64), cast back to the product's dtype."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     call = graph.call_function
@@ -93,19 +92,14 @@ def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dt
             y = call(aten.add.Tensor, (y, bias))
         return call(aten._to_copy.default, (y,), {"dtype": dtype})
     return product_sum(graph, call(aten.unsqueeze.default, (xs, 2)), call(aten.unsqueeze.default, (ws, 0)),
-                       bias, dtype, weights_first)
+                       bias, dtype)
 
 
-def product_sum(graph: fx.Graph, xs: fx.Node, ws: fx.Node, bias: fx.Node | None, dtype: torch.dtype,
-                weights_first: bool = False) -> fx.Node:
+def product_sum(graph: fx.Graph, xs: fx.Node, ws: fx.Node, bias: fx.Node | None, dtype: torch.dtype) -> fx.Node:
     """sum_k xs[m, k, n] ws[0, k, n] (+ bias), cast to `dtype`: the reduction every decode product
-    becomes (xs (M, K, 1) or (M, K, N) and ws (1, K, N), both in the accumulation dtype).
-
-    `weights_first` writes the product w * x (the same values): inductor emits loads in operand
-    order, and under programmatic dependent launch it waits for the previous kernel just before
-    the first load of something that kernel wrote, so the weight's load is issued before the wait."""
+    becomes (xs (M, K, 1) or (M, K, N) and ws (1, K, N), both in the accumulation dtype)."""
     call = graph.call_function
-    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (ws, xs) if weights_first else (xs, ws)), [1]))
+    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
     if bias is not None:
         y = call(aten.add.Tensor, (y, bias))
     return call(aten._to_copy.default, (y,), {"dtype": dtype})

@@ -69,7 +69,7 @@ def _paths(out: fx.Node, K: int, max_rows: int) -> list[tuple[fx.Node, list[torc
     return found or None
 
 
-def fuse_norm_into_gemv(gm: fx.GraphModule, max_rows: int, weights_first: bool = False) -> int:
+def fuse_norm_into_gemv(gm: fx.GraphModule, max_rows: int) -> int:
     """Rewrites each `native_layer_norm` over the last dim whose output only feeds mm/addmm with
     at most `max_rows` rows into per-row reductions inside those products. Returns how many
     products absorbed a norm."""
@@ -91,7 +91,7 @@ def fuse_norm_into_gemv(gm: fx.GraphModule, max_rows: int, weights_first: bool =
             continue
         for product, casts in paths:
             with graph.inserting_before(product):
-                y = _norm_product(graph, x, K, weight, bias, eps, xval.dtype, casts, product, weights_first)
+                y = _norm_product(graph, x, K, weight, bias, eps, xval.dtype, casts, product)
             product.replace_all_uses_with(y)
             graph.erase_node(product)
             count += 1
@@ -103,7 +103,7 @@ def fuse_norm_into_gemv(gm: fx.GraphModule, max_rows: int, weights_first: bool =
 
 
 def _norm_product(graph: fx.Graph, x: fx.Node, K: int, weight, bias, eps, ln_dtype: torch.dtype,
-                  casts: list[torch.dtype], product: fx.Node, weights_first: bool = False) -> fx.Node:
+                  casts: list[torch.dtype], product: fx.Node) -> fx.Node:
     call = graph.call_function
     _, w, b_out = _product_x(product)
     out = product.meta["val"]
@@ -127,4 +127,4 @@ def _norm_product(graph: fx.Graph, x: fx.Node, K: int, weight, bias, eps, ln_dty
         if dtype != acc:
             xn = call(aten._to_copy.default, (call(aten._to_copy.default, (xn,), {"dtype": dtype}),), {"dtype": acc})
     ws = call(aten.unsqueeze.default, (call(aten._to_copy.default, (w,), {"dtype": acc}), 0))  # (1, K, N)
-    return product_sum(graph, xn, ws, b_out, out.dtype, weights_first)
+    return product_sum(graph, xn, ws, b_out, out.dtype)

@@ -39,7 +39,6 @@ class SegmentCompiler:
     pdl: bool = False                  # programmatic dependent launch for the inductor kernels
     persistent_k: int = 0              # row reductions up to this K persistent (0: inductor's 1024)
     fuse_norm: bool = False            # layer norms recomputed inside the products they feed
-    weights_first: bool = False        # products written w * x (decode_gemv.product_sum)
 
     @classmethod
     def for_device(cls, device: torch.device, settings: Settings | None = None) -> SegmentCompiler:
@@ -50,7 +49,7 @@ class SegmentCompiler:
             return cls(inductor, gemv_kernel=s.decode_gemv_kernel, gemv_splits=s.decode_gemv_splits)
         pdl = s.decode_pdl and torch.cuda.get_device_capability(device) >= (9, 0)
         return cls(inductor, s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_splits, pdl,
-                   s.decode_persistent_k, s.decode_fuse_norm, s.decode_weights_first)
+                   s.decode_persistent_k, s.decode_fuse_norm)
 
     def inductor_options(self, reductions: int) -> dict:
         options = dict(COMPILE_OPTIONS) if reductions and self.gemv_kernel == "reduction" else {}
@@ -66,10 +65,9 @@ class SegmentCompiler:
         from torch._inductor import config as inductor_config  # noqa: PLC0415
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
-        fused = (fuse_norm_into_gemv(gm, self.gemv_rows, self.weights_first)
-                 if self.fuse_norm and self.gemv_kernel == "reduction" else 0)
+        fused = fuse_norm_into_gemv(gm, self.gemv_rows) if self.fuse_norm and self.gemv_kernel == "reduction" else 0
         counters["decode"]["norms_in_gemv"] += fused
-        n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits, self.weights_first) + fused
+        n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits) + fused
         counters["decode"]["gemv_reductions" if self.gemv_kernel == "reduction" else "gemv_kernels"] += n
         with contextlib.ExitStack() as stack:
             stack.enter_context(inductor_config.patch(self.inductor_options(n)))
