@@ -48,8 +48,39 @@ def test_triton_and_torch_paths_agree_on_the_state():
         for t in range(5, 30):
             eng.step_all(u[t])
             eng.advance()
-    torch.testing.assert_close(engs[1].A[..., 30:], engs[0].A[..., 30:], rtol=1e-5, atol=1e-5)
+    # the whole accumulator ring (32 slots for 48 positions): pending sums and cleared slots alike
+    assert engs[0].A.shape[-1] == engs[1].A.shape[-1] == 32
+    torch.testing.assert_close(engs[1].A, engs[0].A, rtol=1e-5, atol=1e-5)
     assert int(engs[1].pos[0]) == 30 == engs[1].position
+
+
+def test_scratch_position_leaves_the_state_as_it_was():
+    """Graph warm-ups run a step and every level's tiles at max_len - 2 inside scratch_position:
+    what they write (the ring slots of t and t + 1, X[..., t], pos) comes back, and the engine
+    goes on exactly like one that never ran them."""
+    L, P = 45, 9
+    filters, u = _data(2, 2, 3, L, L, seed=11)
+    engs = [OnlineConv(filters, 2, L, direct_max=4, backend="triton") for _ in range(2)]
+    for eng in engs:
+        eng.prefill_all(u[:P].permute(1, 2, 3, 0).contiguous())
+        for t in range(P, 20):
+            eng.step_all(u[t])
+            eng.advance()
+    eng, ref = engs
+    before = [s.clone() for s in (eng.X, eng.A, eng.pos)]
+    with eng.scratch_position():
+        scratch = eng.pos.clone()
+        for level in (-1, *range(eng.n_levels)):
+            eng.pos.copy_(scratch)
+            eng._step(u[0] + 1.0, torch.empty_like(u[0]), 0, eng.M)  # the device work of step_all
+            eng.run_tiles(level)
+        assert not torch.equal(eng.X, before[0]) and not torch.equal(eng.A, before[1])
+    for now, then in zip((eng.X, eng.A, eng.pos), before):
+        assert torch.equal(now, then)
+    for t in range(20, L):
+        assert torch.equal(eng.step_all(u[t]), ref.step_all(u[t])), t
+        eng.advance()
+        ref.advance()
 
 
 @pytest.mark.gpu

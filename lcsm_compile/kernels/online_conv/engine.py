@@ -6,11 +6,19 @@
         y_t = eng.step(m, u_t)                       # (B, D) -> (B, D), for each m, in model order
         eng.advance()                                # the tiles of all mixers, position += 1
 
-State, all preallocated: history X (M, B, D, L) in the state dtype, accumulators A (M, B, D, L)
+State, all preallocated: history X (M, B, D, L) in the state dtype, accumulators A (M, B, D, R)
 in fp32 (fp64 for fp64 state), filters h (M, D, min(K, L)) in the compute dtype, and the filter
 spectra G_U = rfft(h[1:2U], 2U) of the levels whose tiles go through FFTs (U > direct_max),
 except the top levels (4U > max_len), which run at most twice per sequence and transform the
-filter when they run: state + spectra stay under 3 * M * D * max_len elements for B = 1.
+filter when they run: state + spectra stay under 3 * M * D * max_len elements for B = 1
+(about 2.5 when max_len is a power of two).
+
+A is a ring: position p lives in slot p % R, R = the largest tile (the largest power of two
+below max_len, so about max_len / 2). After the step at t every pending contribution is to a
+position in (t, t + R] (a tile writes at most R positions past its step, and a prompt's tiles
+at most R past the prompt), so the step clears slot t % R once it has read it, for t + R. Tiles
+write aligned blocks of at most R positions, which never wrap. This halves A (B = 8, max_len
+2^17, fp32: 65 GB -> 33 GB).
 
 Two backends with one schedule. "torch": plain torch ops indexed from the host (the CPU path;
 fp64 too). "triton" (default on CUDA; on CPU through TRITON_INTERPRET=1): the fused step kernel,
@@ -87,7 +95,8 @@ class OnlineConv(StepEngine):
         M, B, D, L = self.M, self.B, self.D, self.max_len
         self.h = filters[..., : min(K, L)].to(device=self.device, dtype=self.cdtype).contiguous()
         self.X = torch.zeros(M, B, D, L, dtype=self.dtype, device=self.device)
-        self.A = torch.zeros(M, B, D, L, dtype=self.cdtype, device=self.device)
+        self.ring = 1 << max(0, (L - 1).bit_length() - 1)
+        self.A = torch.zeros(M, B, D, self.ring, dtype=self.cdtype, device=self.device)
         self.n_levels = num_levels(L)
         self.spectra: dict[int, Tensor] = {
             k: fft_tiles.level_spectrum(self.h, 1 << k, work_bytes)
@@ -118,9 +127,9 @@ class OnlineConv(StepEngine):
 
     # ---------------------------------------------------------------- prompt and step
     def _prefill(self, m: int, u: Tensor, P: int) -> Tensor:
-        """y over the prompt; A[m, ..., P:] gets the contributions of the prompt's tiles that
-        reach past it (the later tiles read the prompt from the history, which holds it)."""
-        self.A[m, ..., P:].zero_()
+        """y over the prompt; A[m] gets the contributions of the prompt's tiles that reach past it
+        (the later tiles read the prompt from the history, which holds it)."""
+        self.A[m].zero_()
         if P == 0:
             return u.clone()
         self.X[m, ..., :P] = u
@@ -136,7 +145,8 @@ class OnlineConv(StepEngine):
             return
         t, ms = self._position, slice(m0, m0 + n)
         self.X[ms, ..., t] = u
-        y.copy_(self.A[ms, ..., t] + self.h[ms, None, :, 0] * u.to(self.cdtype))
+        y.copy_(self.A[ms, ..., t % self.ring] + self.h[ms, None, :, 0] * u.to(self.cdtype))
+        self.A[ms, ..., t % self.ring] = 0
 
     # ---------------------------------------------------------------- tiles
     def tile_level(self) -> int:
@@ -175,7 +185,7 @@ class OnlineConv(StepEngine):
             return w
 
         def store(z: Tensor, a_rows: Tensor) -> None:
-            triton_tiles.launch_scatter(z, a_rows, self.pos, U, self._interpret)
+            triton_tiles.launch_scatter(z, a_rows, self.pos, U, self.max_len, self._interpret)
 
         fft_tiles.fft_tile(self.X, self.A, self._spectrum(level), U, self.work_bytes, load, store)
 
@@ -197,13 +207,15 @@ class OnlineConv(StepEngine):
         U, src, dst = tile.size, tile.src, tile.dst
         lo, end = max(dst, start), min(dst + U, self.max_len)
         X, A, h = self.X[mixers], self.A[mixers], self.h[mixers]
+        slots = slice(lo % self.ring, lo % self.ring + end - lo)  # an aligned block: no wrap
+        assert dst % U == 0 and U <= self.ring and slots.stop <= self.ring, (tile, self.ring)
         if U <= self.direct_max:
             # T[p, j] = h[U + p - j]: lags 1 .. 2U-1 of a filter zero-padded to 2U taps.
             taps = torch.nn.functional.pad(h[..., : 2 * U], (0, max(0, 2 * U - h.shape[-1])))
             ar = torch.arange(U, device=self.device)
             T = taps[..., U + ar[:, None] - ar[None, :]]  # (M, D, U, U)
             block = X[..., src : src + U].to(self.cdtype)
-            A[..., lo:end] += torch.einsum("mbdj,mdpj->mbdp", block, T)[..., lo - dst : end - dst]
+            A[..., slots] += torch.einsum("mbdj,mdpj->mbdp", block, T)[..., lo - dst : end - dst]
             return
 
         def load(x_rows: Tensor) -> Tensor:
@@ -212,7 +224,7 @@ class OnlineConv(StepEngine):
             return w
 
         def store(z: Tensor, a_rows: Tensor) -> None:
-            a_rows[..., lo:end] += z[..., U - 1 + lo - dst : U - 1 + end - dst]
+            a_rows[..., slots] += z[..., U - 1 + lo - dst : U - 1 + end - dst]
 
         spectrum, first, rows = self._spectrum(tile.level), mixers.start or 0, X.shape[0]
         fft_tiles.fft_tile(X, A, lambda mi: spectrum(_offset(mi, first, rows)), U, self.work_bytes, load, store)

@@ -1,6 +1,10 @@
 """The fused decode step, as one Triton kernel, and the device-side position counter.
 
-    y[m, b, d] = A[m, b, d, t] + h[m, d, 0] * u[m, b, d]      X[m, b, d, t] = u[m, b, d]
+    y[m, b, d] = A[m, b, d, t % R] + h[m, d, 0] * u[m, b, d]      X[m, b, d, t] = u[m, b, d]
+    A[m, b, d, t % R] = 0
+
+A is a ring over the next R positions (engine docstring): the slot just read is cleared for
+position t + R, which only tiles after this step write.
 
 The position lives on the device (engine docstring: the int64 slots `pos`): the step reads
 t = pos[0] and copies it to pos[1], which the tiles read; the tiles write pos[0] = t + 1. No
@@ -8,7 +12,7 @@ launch reads a slot that the same launch writes, so there is no race, and no arg
 launch depends on t: the step and the tiles replay under CUDA graphs.
 
 With FUSE_LEVEL0, the step also runs this position's level-0 tile when there is one
-(i = t + 1 odd; the schedule counts from 0): A[t+1] += h[1] * u. It depends on this mixer's
+(i = t + 1 odd; the schedule counts from 0): A[(t+1) % R] += h[1] * u. It depends on this mixer's
 own u only, costs two loads and a store in the same launch, and saves a launch on every other
 token.
 """
@@ -22,10 +26,11 @@ from torch import Tensor
 @triton.jit
 def _online_step_kernel(
     u_ptr, y_ptr, x_ptr, a_ptr, h_ptr, pos_ptr,
-    m0, B, D, L, KH,
+    m0, B, D, L, RA, KH,
     su_m, su_b, su_d, sy_m, sy_b, sy_d,
     FUSE_LEVEL0: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # RA, the accumulator ring's length, is a power of two
     # FUSE_LEVEL0 is only set when the filter has a tap h[1] (KH > 1).
     i_n = tl.program_id(0)
     i_m = tl.program_id(1)
@@ -42,8 +47,10 @@ def _online_step_kernel(
     b_u = tl.load(u_ptr + i_m * su_m + o_b * su_b + o_d * su_d, mask=m_n, other=0.0)
     p_h = h_ptr + (m * D + o_d) * KH
     b_h0 = tl.load(p_h, mask=m_n, other=0.0)
-    p_a = a_ptr + ((m * B + o_b) * D + o_d) * L + t
+    a_row = a_ptr + ((m * B + o_b) * D + o_d) * RA
+    p_a = a_row + (t & (RA - 1))
     b_y = tl.load(p_a, mask=m_n, other=0.0) + b_h0 * b_u.to(tl.float32)
+    tl.store(p_a, tl.zeros_like(b_y), mask=m_n)
     tl.store(y_ptr + i_m * sy_m + o_b * sy_b + o_d * sy_d, b_y.to(y_ptr.dtype.element_ty), mask=m_n)
     tl.store(x_ptr + ((m * B + o_b) * D + o_d) * L + t, b_u.to(x_ptr.dtype.element_ty), mask=m_n)
 
@@ -53,8 +60,9 @@ def _online_step_kernel(
         i_v = o_n * 0 + (t + 1)
         m_1 = m_n & ((i_v % 2) == 1) & (i_v < L)
         b_h1 = tl.load(p_h + 1, mask=m_1, other=0.0)
-        b_a1 = tl.load(p_a + 1, mask=m_1, other=0.0)
-        tl.store(p_a + 1, b_a1 + b_h1 * b_u.to(tl.float32), mask=m_1)
+        p_a1 = a_row + ((t + 1) & (RA - 1))
+        b_a1 = tl.load(p_a1, mask=m_1, other=0.0)
+        tl.store(p_a1, b_a1 + b_h1 * b_u.to(tl.float32), mask=m_1)
 
 
 @triton.jit
@@ -70,13 +78,14 @@ def step_block(interpret: bool) -> int:
 
 def launch_step(u: Tensor, y: Tensor, X: Tensor, A: Tensor, h: Tensor, pos: Tensor,
                 m0: int, n_mixers: int, fuse_level0: bool, interpret: bool) -> None:
-    """u, y: (n_mixers, B, D) views (any strides); X (M, B, D, L); A fp32 like X; h (M, D, KH)."""
+    """u, y: (n_mixers, B, D) views (any strides); X (M, B, D, L); A (M, B, D, R) fp32, R a power
+    of two; h (M, D, KH)."""
     _, B, D, L = X.shape
     block = step_block(interpret)
     grid = (triton.cdiv(B * D, block), n_mixers)
     _online_step_kernel[grid](
         u, y, X, A, h, pos,
-        m0, B, D, L, h.shape[-1],
+        m0, B, D, L, A.shape[-1], h.shape[-1],
         u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), y.stride(2),
         FUSE_LEVEL0=fuse_level0 and h.shape[-1] > 1, BLOCK=block, num_warps=4,
     )

@@ -2,7 +2,9 @@
 
 A tile of size U at position t (t read from pos[1] on the device, see triton_step.py):
 
-    A[r, t+1+p] += sum_{j<U} h[c(r), U + p - j] * X[r, t+1-U+j]      p < U, t+1+p < L
+    A[r, (t+1+p) % R] += sum_{j<U} h[c(r), U + p - j] * X[r, t+1-U+j]      p < U, t+1+p < L
+
+(A is the engine's ring of R positions ahead, R a power of two; X holds all L positions.)
 
 r runs over the rows (m, b, d) of X and A, c(r) = (m, d) over the filters. The matrix
 T[p, j] = h[U + p - j] is Toeplitz, gathered from the filter (an L1-resident window of 2U taps).
@@ -12,7 +14,7 @@ T[p, j] = h[U + p - j] is Toeplitz, gathered from the filter (an L1-resident win
   (fp32 accumulation; tf32 inputs for half-precision state, exact fp32 for fp32 state).
 - `_gather_kernel` / `_scatter_kernel`: the device-indexed halves of an FFT tile: copy
   X[..., t+1-U : t+1] into a zero-padded fp32 workspace of length 2U for torch.fft (U a runtime
-  argument: one compile), and add z[..., U-1 : 2U-1] back into A[..., t+1 : t+1+U].
+  argument: one compile), and add z[..., U-1 : 2U-1] back into A's slots of t+1 .. t+U.
 
 Every tile launch writes pos[0] = t + 1 (its program 0), so the next steps see the new position.
 """
@@ -25,7 +27,7 @@ from torch import Tensor
 
 @triton.jit
 def _tile_fma_kernel(
-    x_ptr, a_ptr, h_ptr, pos_ptr, MD, B, D, L, KH,
+    x_ptr, a_ptr, h_ptr, pos_ptr, MD, B, D, L, RA, KH,
     U: tl.constexpr, UP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i_c = tl.program_id(0)
@@ -49,14 +51,14 @@ def _tile_fma_kernel(
             m_h = m_c[:, None] & ((lag < KH) & (o_p < U))[None, :]
             b_h = tl.load(h_ptr + o_c[:, None] * KH + lag[None, :], mask=m_h, other=0.0)
             acc += b_x[:, None] * b_h
-        p_a = a_ptr + row[:, None] * L + dst + o_p[None, :]
+        p_a = a_ptr + row[:, None] * RA + ((dst + o_p) & (RA - 1))[None, :]
         m_a = m_c[:, None] & m_p[None, :]
         tl.store(p_a, tl.load(p_a, mask=m_a, other=0.0) + acc, mask=m_a)
 
 
 @triton.jit
 def _tile_dot_kernel(
-    x_ptr, a_ptr, h_ptr, pos_ptr, MD, B, D, L, KH,
+    x_ptr, a_ptr, h_ptr, pos_ptr, MD, B, D, L, RA, KH,
     U: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, BB: tl.constexpr,
     CPP: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -84,7 +86,7 @@ def _tile_dot_kernel(
                     b_t = tl.load(h_ptr + c * KH + lag, mask=lag < KH, other=0.0)
                     b_x = tl.load(x_ptr + row[:, None] * L + src + o_j[None, :], mask=m_b[:, None], other=0.0)
                     acc += tl.dot(b_x.to(tl.float32), b_t, input_precision=PRECISION)
-                p_a = a_ptr + row[:, None] * L + dst + o_p[None, :]
+                p_a = a_ptr + row[:, None] * RA + ((dst + o_p) & (RA - 1))[None, :]
                 m_a = m_b[:, None] & m_p[None, :]
                 tl.store(p_a, tl.load(p_a, mask=m_a, other=0.0) + acc, mask=m_a)
 
@@ -103,7 +105,7 @@ def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.cons
 
 
 @triton.jit
-def _scatter_kernel(z_ptr, a_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.constexpr):
+def _scatter_kernel(z_ptr, a_ptr, pos_ptr, R, L, RA, U, BR: tl.constexpr, BJ: tl.constexpr):
     i_r = tl.program_id(0)
     i_j = tl.program_id(1)
     t = tl.load(pos_ptr + 1)
@@ -112,19 +114,20 @@ def _scatter_kernel(z_ptr, a_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.con
     o_p = i_j * BJ + tl.arange(0, BJ)
     m_a = (o_r < R)[:, None] & ((o_p < U) & (t + 1 + o_p < L))[None, :]
     b_z = tl.load(z_ptr + o_r[:, None] * (2 * U) + (U - 1) + o_p[None, :], mask=m_a, other=0.0)
-    p_a = a_ptr + o_r[:, None] * L + (t + 1) + o_p[None, :]
+    p_a = a_ptr + o_r[:, None] * RA + ((t + 1 + o_p) & (RA - 1))[None, :]
     tl.store(p_a, tl.load(p_a, mask=m_a, other=0.0) + b_z, mask=m_a)
 
 
 def launch_direct_tile(X: Tensor, A: Tensor, h: Tensor, pos: Tensor, U: int, dot_min: int,
                        interpret: bool) -> None:
-    """All mixers' direct tile of size U. X (M, B, D, L), A fp32 like X, h (M, D, KH) fp32."""
+    """All mixers' direct tile of size U. X (M, B, D, L), A (M, B, D, R) fp32, h (M, D, KH) fp32."""
     M, B, D, L = X.shape
+    RA = A.shape[-1]
     MD, KH = M * D, h.shape[-1]
     if U < dot_min or U < 16:
         block_c = 4096 if interpret else 128
         _tile_fma_kernel[(triton.cdiv(MD, block_c),)](
-            X, A, h, pos, MD, B, D, L, KH,
+            X, A, h, pos, MD, B, D, L, RA, KH,
             U=U, UP=max(U, 2), BLOCK_C=block_c, num_warps=4,
         )
         return
@@ -133,7 +136,7 @@ def launch_direct_tile(X: Tensor, A: Tensor, h: Tensor, pos: Tensor, U: int, dot
     precision = "ieee" if X.dtype.itemsize == 4 else "tf32"
     grid = (triton.cdiv(MD, cpp), triton.cdiv(U, bp))
     _tile_dot_kernel[grid](
-        X, A, h, pos, MD, B, D, L, KH,
+        X, A, h, pos, MD, B, D, L, RA, KH,
         U=U, BP=bp, BJ=bj, BB=16, CPP=cpp, PRECISION=precision, num_warps=4,
     )
 
@@ -152,10 +155,11 @@ def launch_gather(x_rows: Tensor, w: Tensor, pos: Tensor, U: int, interpret: boo
     _gather_kernel[grid](x_rows, w, pos, R, L, U, BR=br, BJ=bj, num_warps=4)
 
 
-def launch_scatter(z: Tensor, a_rows: Tensor, pos: Tensor, U: int, interpret: bool) -> None:
-    """a_rows[r, t+1+p] += z[r, U-1+p], p < U, clipped at L; z: contiguous (..., 2U) fp32."""
-    L = a_rows.shape[-1]
-    R = a_rows.numel() // L
+def launch_scatter(z: Tensor, a_rows: Tensor, pos: Tensor, U: int, max_len: int, interpret: bool) -> None:
+    """a_rows[r, (t+1+p) % RA] += z[r, U-1+p], p < U, t+1+p < max_len; z: contiguous (..., 2U)
+    fp32; a_rows: contiguous ring rows (..., RA)."""
+    RA = a_rows.shape[-1]
+    R = a_rows.numel() // RA
     br, bj, grid = _row_block(R, U, interpret)
     grid = (grid[0], triton.cdiv(U, bj))
-    _scatter_kernel[grid](z, a_rows, pos, R, L, U, BR=br, BJ=bj, num_warps=4)
+    _scatter_kernel[grid](z, a_rows, pos, R, max_len, RA, U, BR=br, BJ=bj, num_warps=4)
