@@ -6,19 +6,20 @@
         y_t = eng.step(m, u_t)                       # (B, D) -> (B, D), for each m, in model order
         eng.advance()                                # the tiles of all mixers, position += 1
 
-State, all preallocated: history X (M, B, D, L) in the state dtype, accumulators A (M, B, D, R)
+State, all preallocated: history X (M, B, D, R) in the state dtype, accumulators A (M, B, D, R)
 in fp32 (fp64 for fp64 state), filters h (M, D, min(K, L)) in the compute dtype, and the filter
 spectra G_U = rfft(h[1:2U], 2U) of the levels whose tiles go through FFTs (U > direct_max),
 except the top levels (4U > max_len), which run at most twice per sequence and transform the
 filter when they run: state + spectra stay under 3 * M * D * max_len elements for B = 1
-(about 2.5 when max_len is a power of two).
+(about 2 when max_len is a power of two).
 
-A is a ring: position p lives in slot p % R, R = the largest tile (the largest power of two
-below max_len, so about max_len / 2). After the step at t every pending contribution is to a
-position in (t, t + R] (a tile writes at most R positions past its step, and a prompt's tiles
-at most R past the prompt), so the step clears slot t % R once it has read it, for t + R. Tiles
-write aligned blocks of at most R positions, which never wrap. This halves A (B = 8, max_len
-2^17, fp32: 65 GB -> 33 GB).
+X and A are rings of R slots, position p in slot p % R, R the largest tile (the largest power
+of two below max_len, about max_len / 2). A tile reads at most the last R inputs and writes at
+most R positions ahead, in aligned blocks that never wrap; so X keeps the last R inputs, and A
+the next R outputs: after the step at t every pending contribution is to a position in (t, t + R],
+and the step clears slot t % R of A once it has read it, for t + R. The prefill runs the prompt's
+tiles from the prompt itself and keeps its last R positions. Rings instead of max_len-long
+buffers halve the state (B = 8, max_len 2^17, fp32: 130 GB -> 65 GB).
 
 Two backends with one schedule. "torch": plain torch ops indexed from the host (the CPU path;
 fp64 too). "triton" (default on CUDA; on CPU through TRITON_INTERPRET=1): the fused step kernel,
@@ -94,8 +95,8 @@ class OnlineConv(StepEngine):
 
         M, B, D, L = self.M, self.B, self.D, self.max_len
         self.h = filters[..., : min(K, L)].to(device=self.device, dtype=self.cdtype).contiguous()
-        self.X = torch.zeros(M, B, D, L, dtype=self.dtype, device=self.device)
         self.ring = 1 << max(0, (L - 1).bit_length() - 1)
+        self.X = torch.zeros(M, B, D, self.ring, dtype=self.dtype, device=self.device)
         self.A = torch.zeros(M, B, D, self.ring, dtype=self.cdtype, device=self.device)
         self.n_levels = num_levels(L)
         self.spectra: dict[int, Tensor] = {
@@ -127,24 +128,27 @@ class OnlineConv(StepEngine):
 
     # ---------------------------------------------------------------- prompt and step
     def _prefill(self, m: int, u: Tensor, P: int) -> Tensor:
-        """y over the prompt; A[m] gets the contributions of the prompt's tiles that reach past it
-        (the later tiles read the prompt from the history, which holds it)."""
+        """y over the prompt; A[m] gets the contributions of the prompt's tiles that reach past it,
+        computed from the prompt; the history keeps its last R positions, which later tiles read."""
         self.A[m].zero_()
         if P == 0:
             return u.clone()
-        self.X[m, ..., :P] = u
+        kept = torch.arange(max(0, P - self.ring), P, device=self.device)
+        self.X[m, :, :, kept % self.ring] = u[..., kept].to(self.dtype)
+        prompt = u.to(self.dtype)[None]
         for tile in prompt_tiles(P, self.max_len):
-            self._tile_torch(tile, slice(m, m + 1), start=P)
+            self._tile_torch(tile, slice(m, m + 1), start=P, source=prompt)
         return fft_tiles.prompt_convolution(u, self.h[m, :, :P], P, self.work_bytes).to(self.dtype)
 
     def _step(self, u: Tensor, y: Tensor, m0: int, n: int) -> None:
         if self.backend == "triton":
             from .triton_step import launch_step  # noqa: PLC0415 - triton loads lazily
 
-            launch_step(u, y, self.X, self.A, self.h, self.pos, m0, n, self._fuse_level0, self._interpret)
+            launch_step(u, y, self.X, self.A, self.h, self.pos, self.max_len, m0, n, self._fuse_level0,
+                        self._interpret)
             return
         t, ms = self._position, slice(m0, m0 + n)
-        self.X[ms, ..., t] = u
+        self.X[ms, ..., t % self.ring] = u
         y.copy_(self.A[ms, ..., t % self.ring] + self.h[ms, None, :, 0] * u.to(self.cdtype))
         self.A[ms, ..., t % self.ring] = 0
 
@@ -176,12 +180,13 @@ class OnlineConv(StepEngine):
             return
         U = 1 << level
         if U <= self.direct_max:
-            triton_tiles.launch_direct_tile(self.X, self.A, self.h, self.pos, U, self.dot_min, self._interpret)
+            triton_tiles.launch_direct_tile(self.X, self.A, self.h, self.pos, U, self.max_len, self.dot_min,
+                                            self._interpret)
             return
 
         def load(x_rows: Tensor) -> Tensor:
             w = torch.empty(x_rows.shape[:-1] + (2 * U,), dtype=self.cdtype, device=self.device)
-            triton_tiles.launch_gather(x_rows, w, self.pos, U, self._interpret)
+            triton_tiles.launch_gather(x_rows, w, self.pos, U, self.max_len, self._interpret)
             return w
 
         def store(z: Tensor, a_rows: Tensor) -> None:
@@ -201,26 +206,30 @@ class OnlineConv(StepEngine):
         if tile is not None:
             self._tile_torch(tile)
 
-    def _tile_torch(self, tile, mixers: slice = slice(None), start: int = 0) -> None:
+    def _tile_torch(self, tile, mixers: slice = slice(None), start: int = 0, source: Tensor | None = None) -> None:
         """One tile, host-indexed, for `mixers`: its outputs from `start` on (the prefill runs the
-        prompt's tiles for the positions past the prompt only)."""
+        prompt's tiles for the positions past the prompt only), its inputs from the history ring
+        or from `source` (mixers, B, D, positions), the prompt."""
         U, src, dst = tile.size, tile.src, tile.dst
         lo, end = max(dst, start), min(dst + U, self.max_len)
-        X, A, h = self.X[mixers], self.A[mixers], self.h[mixers]
-        slots = slice(lo % self.ring, lo % self.ring + end - lo)  # an aligned block: no wrap
-        assert dst % U == 0 and U <= self.ring and slots.stop <= self.ring, (tile, self.ring)
+        A, h = self.A[mixers], self.h[mixers]
+        # aligned blocks of at most R positions: never wrap in the rings
+        assert dst % U == 0 and U <= self.ring, (tile, self.ring)
+        slots = slice(lo % self.ring, lo % self.ring + end - lo)
+        X, cols = (self.X[mixers], slice(src % self.ring, src % self.ring + U)) if source is None else (
+            source, slice(src, src + U))
         if U <= self.direct_max:
             # T[p, j] = h[U + p - j]: lags 1 .. 2U-1 of a filter zero-padded to 2U taps.
             taps = torch.nn.functional.pad(h[..., : 2 * U], (0, max(0, 2 * U - h.shape[-1])))
             ar = torch.arange(U, device=self.device)
             T = taps[..., U + ar[:, None] - ar[None, :]]  # (M, D, U, U)
-            block = X[..., src : src + U].to(self.cdtype)
+            block = X[..., cols].to(self.cdtype)
             A[..., slots] += torch.einsum("mbdj,mdpj->mbdp", block, T)[..., lo - dst : end - dst]
             return
 
         def load(x_rows: Tensor) -> Tensor:
             w = torch.zeros(x_rows.shape[:-1] + (2 * U,), dtype=self.cdtype, device=self.device)
-            w[..., :U] = x_rows[..., src : src + U]
+            w[..., :U] = x_rows[..., cols]
             return w
 
         def store(z: Tensor, a_rows: Tensor) -> None:

@@ -12,7 +12,7 @@ graph from its own position counter: no sync, no allocation after capture.
   `eng.step(m, ...)` per layer) followed by the tiles. `graphs.replay()` runs one token.
 
 Warm-up (Triton compiles, cuFFT plans) runs the captured work once at a scratch position,
-t = max_len - 2, whose few touched values (X[..., t], A's slots of t and t+1, pos) are saved and restored:
+t = max_len - 2, whose few touched values (the ring slots of t and t+1, pos) are saved and restored:
 graphs can be captured before the prompt or in the middle of a generation.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def scratch_position(eng: OnlineConv):
     """Run device work at position max_len - 2 and undo what it wrote there."""
     t = max(eng.max_len - 2, 0)
     slots = {t % eng.ring} | ({(t + 1) % eng.ring} if t + 1 < eng.max_len else set())
-    written = [eng.pos, eng.X[..., t]] + [eng.A[..., s] for s in sorted(slots)]
+    written = [eng.pos, eng.X[..., t % eng.ring]] + [eng.A[..., s] for s in sorted(slots)]
     with eng._restored(*written):
         eng.pos.copy_(torch.tensor([t, t, 0], dtype=torch.int64))
         yield

@@ -1,10 +1,10 @@
 """The fused decode step, as one Triton kernel, and the device-side position counter.
 
-    y[m, b, d] = A[m, b, d, t % R] + h[m, d, 0] * u[m, b, d]      X[m, b, d, t] = u[m, b, d]
+    y[m, b, d] = A[m, b, d, t % R] + h[m, d, 0] * u[m, b, d]      X[m, b, d, t % R] = u[m, b, d]
     A[m, b, d, t % R] = 0
 
-A is a ring over the next R positions (engine docstring): the slot just read is cleared for
-position t + R, which only tiles after this step write.
+X and A are rings of R slots (engine docstring): X the last R inputs, A the next R outputs; the
+A slot just read is cleared for position t + R, which only tiles after this step write.
 
 The position lives on the device (engine docstring: the int64 slots `pos`): the step reads
 t = pos[0] and copies it to pos[1], which the tiles read; the tiles write pos[0] = t + 1. No
@@ -30,7 +30,7 @@ def _online_step_kernel(
     su_m, su_b, su_d, sy_m, sy_b, sy_d,
     FUSE_LEVEL0: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # RA, the accumulator ring's length, is a power of two
+    # RA: the rings' length (X and A), a power of two; L: max_len
     # FUSE_LEVEL0 is only set when the filter has a tap h[1] (KH > 1).
     i_n = tl.program_id(0)
     i_m = tl.program_id(1)
@@ -52,7 +52,7 @@ def _online_step_kernel(
     b_y = tl.load(p_a, mask=m_n, other=0.0) + b_h0 * b_u.to(tl.float32)
     tl.store(p_a, tl.zeros_like(b_y), mask=m_n)
     tl.store(y_ptr + i_m * sy_m + o_b * sy_b + o_d * sy_d, b_y.to(y_ptr.dtype.element_ty), mask=m_n)
-    tl.store(x_ptr + ((m * B + o_b) * D + o_d) * L + t, b_u.to(x_ptr.dtype.element_ty), mask=m_n)
+    tl.store(x_ptr + ((m * B + o_b) * D + o_d) * RA + (t & (RA - 1)), b_u.to(x_ptr.dtype.element_ty), mask=m_n)
 
     if FUSE_LEVEL0:
         # i = t + 1 odd (the schedule counts from 0), and t + 1 inside the sequence (kept
@@ -76,11 +76,12 @@ def step_block(interpret: bool) -> int:
     return 1024 if interpret else 256
 
 
-def launch_step(u: Tensor, y: Tensor, X: Tensor, A: Tensor, h: Tensor, pos: Tensor,
+def launch_step(u: Tensor, y: Tensor, X: Tensor, A: Tensor, h: Tensor, pos: Tensor, max_len: int,
                 m0: int, n_mixers: int, fuse_level0: bool, interpret: bool) -> None:
-    """u, y: (n_mixers, B, D) views (any strides); X (M, B, D, L); A (M, B, D, R) fp32, R a power
-    of two; h (M, D, KH)."""
-    _, B, D, L = X.shape
+    """u, y: (n_mixers, B, D) views (any strides); X (M, B, D, R) in the state dtype and A (M, B,
+    D, R) fp32, R a power of two; h (M, D, KH)."""
+    _, B, D, _ = X.shape
+    L = max_len
     block = step_block(interpret)
     grid = (triton.cdiv(B * D, block), n_mixers)
     _online_step_kernel[grid](

@@ -2,9 +2,10 @@
 
 A tile of size U at position t (t read from pos[1] on the device, see triton_step.py):
 
-    A[r, (t+1+p) % R] += sum_{j<U} h[c(r), U + p - j] * X[r, t+1-U+j]      p < U, t+1+p < L
+    A[r, (t+1+p) % R] += sum_{j<U} h[c(r), U + p - j] * X[r, (t+1-U+j) % R]      p < U, t+1+p < L
 
-(A is the engine's ring of R positions ahead, R a power of two; X holds all L positions.)
+(X and A are the engine's rings of R slots, R a power of two >= U: the last R inputs and the
+next R outputs; L is max_len.)
 
 r runs over the rows (m, b, d) of X and A, c(r) = (m, d) over the filters. The matrix
 T[p, j] = h[U + p - j] is Toeplitz, gathered from the filter (an L1-resident window of 2U taps).
@@ -46,7 +47,7 @@ def _tile_fma_kernel(
         row = (o_m * B + b) * D + o_d
         acc = tl.zeros((BLOCK_C, UP), dtype=tl.float32)
         for j in tl.static_range(U):
-            b_x = tl.load(x_ptr + row * L + src + j, mask=m_c, other=0.0).to(tl.float32)
+            b_x = tl.load(x_ptr + row * RA + ((src + j) & (RA - 1)), mask=m_c, other=0.0).to(tl.float32)
             lag = U + o_p - j
             m_h = m_c[:, None] & ((lag < KH) & (o_p < U))[None, :]
             b_h = tl.load(h_ptr + o_c[:, None] * KH + lag[None, :], mask=m_h, other=0.0)
@@ -84,7 +85,8 @@ def _tile_dot_kernel(
                     o_j = j0 + tl.arange(0, BJ)
                     lag = U + o_p[None, :] - o_j[:, None]
                     b_t = tl.load(h_ptr + c * KH + lag, mask=lag < KH, other=0.0)
-                    b_x = tl.load(x_ptr + row[:, None] * L + src + o_j[None, :], mask=m_b[:, None], other=0.0)
+                    b_x = tl.load(x_ptr + row[:, None] * RA + ((src + o_j) & (RA - 1))[None, :],
+                                  mask=m_b[:, None], other=0.0)
                     acc += tl.dot(b_x.to(tl.float32), b_t, input_precision=PRECISION)
                 p_a = a_ptr + row[:, None] * RA + ((dst + o_p) & (RA - 1))[None, :]
                 m_a = m_b[:, None] & m_p[None, :]
@@ -92,7 +94,7 @@ def _tile_dot_kernel(
 
 
 @triton.jit
-def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.constexpr):
+def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, RA, U, BR: tl.constexpr, BJ: tl.constexpr):
     i_r = tl.program_id(0)
     i_j = tl.program_id(1)
     t = tl.load(pos_ptr + 1)
@@ -100,7 +102,7 @@ def _gather_kernel(x_ptr, w_ptr, pos_ptr, R, L, U, BR: tl.constexpr, BJ: tl.cons
     o_j = i_j * BJ + tl.arange(0, BJ)
     m_r = o_r < R
     m_x = m_r[:, None] & ((o_j < U) & (t + 1 - U + o_j < L))[None, :]
-    b_x = tl.load(x_ptr + o_r[:, None] * L + (t + 1 - U) + o_j[None, :], mask=m_x, other=0.0)
+    b_x = tl.load(x_ptr + o_r[:, None] * RA + ((t + 1 - U + o_j) & (RA - 1))[None, :], mask=m_x, other=0.0)
     tl.store(w_ptr + o_r[:, None] * (2 * U) + o_j[None, :], b_x.to(tl.float32), mask=m_r[:, None])
 
 
@@ -118,11 +120,11 @@ def _scatter_kernel(z_ptr, a_ptr, pos_ptr, R, L, RA, U, BR: tl.constexpr, BJ: tl
     tl.store(p_a, tl.load(p_a, mask=m_a, other=0.0) + b_z, mask=m_a)
 
 
-def launch_direct_tile(X: Tensor, A: Tensor, h: Tensor, pos: Tensor, U: int, dot_min: int,
+def launch_direct_tile(X: Tensor, A: Tensor, h: Tensor, pos: Tensor, U: int, max_len: int, dot_min: int,
                        interpret: bool) -> None:
-    """All mixers' direct tile of size U. X (M, B, D, L), A (M, B, D, R) fp32, h (M, D, KH) fp32."""
-    M, B, D, L = X.shape
-    RA = A.shape[-1]
+    """All mixers' direct tile of size U. X (M, B, D, R), A (M, B, D, R) fp32, h (M, D, KH) fp32."""
+    M, B, D, RA = X.shape
+    L = max_len
     MD, KH = M * D, h.shape[-1]
     if U < dot_min or U < 16:
         block_c = 4096 if interpret else 128
@@ -147,12 +149,13 @@ def _row_block(R: int, U: int, interpret: bool) -> tuple[int, int, tuple[int, in
     return br, bj, (triton.cdiv(R, br), triton.cdiv(2 * U, bj))
 
 
-def launch_gather(x_rows: Tensor, w: Tensor, pos: Tensor, U: int, interpret: bool) -> None:
-    """w[r, :U] = x_rows[r, t+1-U : t+1], w[r, U:] = 0. x_rows: contiguous (..., L) rows."""
-    L = x_rows.shape[-1]
-    R = x_rows.numel() // L
+def launch_gather(x_rows: Tensor, w: Tensor, pos: Tensor, U: int, max_len: int, interpret: bool) -> None:
+    """w[r, :U] = the inputs t+1-U .. t of ring row r, w[r, U:] = 0. x_rows: contiguous ring rows
+    (..., RA)."""
+    RA = x_rows.shape[-1]
+    R = x_rows.numel() // RA
     br, bj, grid = _row_block(R, U, interpret)
-    _gather_kernel[grid](x_rows, w, pos, R, L, U, BR=br, BJ=bj, num_warps=4)
+    _gather_kernel[grid](x_rows, w, pos, R, max_len, RA, U, BR=br, BJ=bj, num_warps=4)
 
 
 def launch_scatter(z: Tensor, a_rows: Tensor, pos: Tensor, U: int, max_len: int, interpret: bool) -> None:
