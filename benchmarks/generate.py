@@ -23,8 +23,8 @@ Five ways to produce token t+1 from tokens 0..t, per config (B, L):
   what the position-wise part alone costs.
 Correctness first (decoder vs the eager forward at every position of a prefill + 128 steps,
 greedy tokens vs an eager greedy loop), table last. Writes benchmarks/results/generate_<dev>.json
-and .png (or under $OUT when set). B = 8 stops at L = 2^15 on an 80 GB GPU: the fp32 decode state
-(history 4 bytes per M*B*D*L, the accumulator ring 2, spectra ~4 per M*D*L) is 106 GB at 2^17.
+and .png (or under $OUT when set). The fp32 decode state (history and accumulator rings of L / 2
+slots, 2 + 2 bytes per M*B*D*L; spectra ~4 bytes per M*D*L) is 73 GB at B = 8, L = 2^17.
 """
 from __future__ import annotations
 
