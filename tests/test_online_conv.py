@@ -163,6 +163,18 @@ def test_history_and_accumulators_are_rings_of_the_largest_tile():
     assert OnlineConv(torch.randn(2, 3, 4096), 1, 4096, backend="torch").memory_elements()["per_MDL"] <= 2.0
 
 
+def test_default_tiles_by_batch_and_state_dtype():
+    """Direct tiles up to 32 at B < 4; from B = 4 up to 64 for a half-precision state (tf32 dots)
+    but 32 for an fp32 state, whose exact fp32 dots measured slower than an FFT tile at 64."""
+    h = torch.randn(1, 2, 8)
+    got = {(B, dt): (e.direct_max, e.dot_min) for B in (1, 3, 4, 8) for dt in (torch.bfloat16, torch.float32)
+           for e in [OnlineConv(h, B, 16, dtype=dt, backend="torch")]}
+    assert got == {(1, torch.bfloat16): (32, 64), (1, torch.float32): (32, 64), (3, torch.bfloat16): (32, 64),
+                   (3, torch.float32): (32, 64), (4, torch.bfloat16): (64, 16), (4, torch.float32): (32, 16),
+                   (8, torch.bfloat16): (64, 16), (8, torch.float32): (32, 16)}
+    assert OnlineConv(h, 8, 16, dtype=torch.float32, direct_max=64, backend="torch").direct_max == 64
+
+
 def test_memory_state_and_spectra_within_4_MDL():
     for L in (4096, 4097, 6000, 8191):
         eng = OnlineConv(torch.randn(2, 3, L), 1, L, backend="torch")

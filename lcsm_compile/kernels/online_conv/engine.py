@@ -46,10 +46,11 @@ Prefill: the prompt's own convolution (its filter cut to P taps) and the few til
 prompt whose outputs reach past it (schedule.prompt_tiles, one per set bit of P): O(P log P),
 not a convolution of the prompt over all of max_len.
 
-Tile kinds (schedule.default_tiles, measured on an H100): direct tiles up to direct_max (32 for
-B < 4, 64 from B = 4), as scalar FMAs below dot_min and tl.dot from it (never at B < 4, from
-16 at B >= 4), FFT tiles above. Decode cost on an H100 (M=18, D=864, B=1, bf16): 9-13 µs per
-token for L = 2^10 .. 2^18, 269x the lazy decoder at 2^17 (benchmarks/NOTES_online_conv.md).
+Tile kinds (schedule.default_tiles, measured on an H100 and an H200): direct tiles up to
+direct_max (32 for B < 4; from B = 4, 64 for half-precision states and 32 for fp32), as scalar
+FMAs below dot_min and tl.dot from it (never at B < 4, from 16 at B >= 4), FFT tiles above.
+Decode cost on an H100 (M=18, D=864, B=1, bf16): 9-13 µs per token for L = 2^10 .. 2^18, 269x
+the lazy decoder at 2^17 (benchmarks/NOTES_online_conv.md).
 
 Errors leave the state as it was: ValueError for bad arguments (shape, dtype, device, a prompt
 longer than max_len), RuntimeError for calls out of order (a step before prefill, past max_len,
@@ -86,7 +87,7 @@ class OnlineConv(StepEngine):
         self.M, self.D, K = filters.shape
         self.B, self.max_len = int(batch), int(max_len)
         self.cdtype = compute_dtype(self.dtype)
-        default_direct_max, default_dot_min = default_tiles(self.B)
+        default_direct_max, default_dot_min = default_tiles(self.B, self.dtype.itemsize)
         self.direct_max = default_direct_max if direct_max is None else int(direct_max)
         self.dot_min = default_dot_min if dot_min is None else int(dot_min)
         self.work_bytes = work_bytes

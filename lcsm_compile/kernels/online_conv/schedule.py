@@ -23,13 +23,20 @@ from typing import NamedTuple
 #        FFT 14-24 us up to U=32 and 41 us at 64  -> direct up to 32, FMA throughout;
 #   B=8: FMA 16.5/21/32/50 us for U=2..16, tl.dot 28/52/195/638 us for U=16..128,
 #        FFT 84/154/303/596 us                    -> direct up to 64, tl.dot from 16.
+# An fp32 state makes tl.dot exact fp32 (input_precision "ieee", no tensor cores): on an H200,
+# Hyena-153M, B = 8, fp32 (benchmarks/results/generate_nvidia_h200_b8.json, 2026-12-01) the
+# token with the U = 64 direct tile took 6165 us against 1427 (U = 32) and 1758 (U = 128, an
+# FFT tile), so fp32 states stop direct tiles at 32 (the U = 64 FFT tile: not yet timed).
 DIRECT_MAX_TILE = 32
 DOT_MIN_TILE = 64
 
 
-def default_tiles(batch: int) -> tuple[int, int]:
-    """(direct_max, dot_min) for a batch size, from the measurements above."""
-    return (DIRECT_MAX_TILE, DOT_MIN_TILE) if batch < 4 else (64, 16)
+def default_tiles(batch: int, itemsize: int = 2) -> tuple[int, int]:
+    """(direct_max, dot_min) for a batch size and the state's bytes per element, from the
+    measurements above."""
+    if batch < 4:
+        return DIRECT_MAX_TILE, DOT_MIN_TILE
+    return (32 if itemsize >= 4 else 64), 16
 
 
 class Tile(NamedTuple):
