@@ -2,6 +2,8 @@
 on a GPU (bf16, CUDA graphs)."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lcsm_compile.kernels import OnlineConv
 from tests.test_online_conv import run_against_lazy
@@ -30,6 +32,19 @@ def test_triton_path_fp32_equals_lazy(L, P, K, direct_max, all_at_once):
     filters, u = _data(2, 2, 3, L, K, seed=L + P + K)
     eng = OnlineConv(filters, 2, L, direct_max=direct_max, backend="triton")
     run_against_lazy(eng, filters.cpu(), u, P, tol=1e-5, all_at_once=all_at_once)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(L=st.integers(2, 70), P=st.integers(0, 70), B=st.sampled_from([1, 4]),
+       direct_max=st.sampled_from([0, 1, 4, 16, 32]), K=st.integers(1, 80), seed=st.integers(0, 2**31 - 1))
+def test_triton_path_equals_lazy_at_random_sizes(L, P, B, direct_max, K, seed):
+    """The rings (X and A of R = the largest power of two below L slots) wrap at every size:
+    random lengths, prompts (longer than R too) and tile kinds (tl.dot from U = 16 at B = 4)
+    against the lazy sum."""
+    P = min(P, L)
+    filters, u = _data(1, B, 3, L, K, seed=seed % 1000)
+    eng = OnlineConv(filters, B, L, direct_max=direct_max, backend="triton")
+    run_against_lazy(eng, filters.cpu(), u, P, tol=1e-5, all_at_once=True)
 
 
 def test_triton_path_fp16_state():
