@@ -15,8 +15,9 @@ product's load as inductor fuses the model's activations):
 - inductor: the chain traced and compiled by the step program's SegmentCompiler (reductions,
   PDL, persistent K), one CUDA graph;
 - stream+pdl: the Triton product, weight rows loaded before `gdc_wait`, launched with PDL, one
-  CUDA graph; `stream`: the same kernel and graph without PDL (is it the early loads or the
-  kernel itself?).
+  CUDA graph (and a small sweep of rows per program and warps); `stream`: the same kernel and
+  graph without PDL (is it the early loads or the kernel itself?);
+- read only: every weight byte read once by one reduction, the floor under any chain.
 
 Correctness first (every variant vs an fp64 torch chain), then the time per chain (graph
 replays), its read rate of the weights and the time per layer; a table last; JSON + PNG in
@@ -68,14 +69,19 @@ def _stream_product_kernel(x_ptr, w_ptr, y_ptr, N, K, ROWS: tl.constexpr, BK: tl
     tl.store(y_ptr + o_n, y, mask=o_n < N)
 
 
-def rows_for(N: int, smoke: bool) -> int:
-    """Rows per program: enough programs to cover the SMs, at most 16 rows."""
+def rows_for(N: int, smoke: bool, scale: float = 1.0) -> int:
+    """Rows per program: enough programs to cover the SMs, at most 16 rows (times `scale`, for
+    the sweep), a power of two."""
     if smoke:
         return 8
     r = 1
-    while r * 2 <= min(16, N // SMS):
+    while r * 2 <= min(16, N // SMS) * scale:
         r *= 2
     return r
+
+
+# the stream kernel's sweep: (rows scale, warps); the first is the default
+SWEEP = [(1.0, 8), (1.0, 4), (0.5, 4), (0.5, 8), (2.0, 8), (2.0, 16)]
 
 
 def make_chain(layers: int, shapes, seed: int = 0):
@@ -100,21 +106,32 @@ def chain_reference(x, ws, shapes):
     return v
 
 
-def triton_chain(x, ws, smoke: bool, pdl: bool):
+def triton_chain(x, ws, smoke: bool, pdl: bool, scale: float = 1.0, warps: int = 8):
     """Launches of the Triton chain on fixed buffers; returns (run, output buffer)."""
     outs = [torch.empty(w.shape[0], device=DEV) for w in ws]
+    warps = 4 if smoke else warps
 
     def run():
         v = x
         for i, (w, y) in enumerate(zip(ws, outs)):
             N, K = w.shape
-            rows = rows_for(N, smoke)
+            rows = rows_for(N, smoke, scale)
             kw = {"launch_pdl": True} if pdl else {}
             _stream_product_kernel[(triton.cdiv(N, rows),)](
                 v, w, y, N, K, ROWS=rows, BK=triton.next_power_of_2(K), SOFTSIGN=i > 0, USE_GDC=pdl,
-                num_warps=8 if not smoke else 4, **kw)
+                num_warps=warps, **kw)
             v = y
     return run, outs[-1]
+
+
+def read_only(ws):
+    """The floor under any chain: every weight byte read once by one reduction over one buffer."""
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    out = {}
+
+    def run():
+        out["s"] = flat.sum()
+    return run
 
 
 def inductor_chain(x, ws):
@@ -156,8 +173,11 @@ def main() -> None:
     ref = chain_reference(x, ws, shapes)
     weight_bytes = sum(w.numel() * w.element_size() for w in ws)
     variants = {"stream": triton_chain(x, ws, args.smoke, pdl=False)}
-    if CUDA and torch.cuda.get_device_capability()[0] >= 9:
+    pdl = CUDA and torch.cuda.get_device_capability()[0] >= 9
+    if pdl:
         variants["stream+pdl"] = triton_chain(x, ws, args.smoke, pdl=True)
+        for scale, warps in SWEEP[1:]:
+            variants[f"stream+pdl r{scale:g}w{warps}"] = triton_chain(x, ws, args.smoke, True, scale, warps)
     if CUDA:
         variants["inductor"] = inductor_chain(x, ws)
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
@@ -183,6 +203,9 @@ def main() -> None:
         for name, (run, _) in variants.items():
             s = graph_time(run, reps=args.reps)  # the chain captured reps times in one graph
             report["variants"][name].update(us=s * 1e6, tbps=weight_bytes / s / 1e12, us_per_layer=s * 1e6 / layers)
+        s = graph_time(read_only(ws), reps=args.reps)
+        report["variants"]["read only"] = {"rel_err": 0.0, "us": s * 1e6, "tbps": weight_bytes / s / 1e12,
+                                           "us_per_layer": s * 1e6 / layers}
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_smoke" if args.smoke else "".join(c if c.isalnum() else "_" for c in report["device"].lower())
