@@ -106,17 +106,25 @@ def test_verified_mixers_own_only_their_filter_and_bias():
 
 
 def test_verify_relative_error_in_chunks_equals_the_whole():
-    from lcsm_compile.passes.verify import _rel
+    from lcsm_compile.passes.verify import _norm, _rel, _square_sums
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
     want = float((a.double() - b.double()).norm() / b.double().norm())
-    for chunk in (1, 8, 104, 105, 1 << 24):  # 105 elements: chunks that do and do not divide it
-        assert abs(_rel(a, b, chunk=chunk) - want) <= 1e-12 * want
+    for chunk in (1, 8, 34, 35, 36, 1 << 24):  # slices of the largest dim that do and do not divide it
+        num, den = _square_sums(a, b, dtype=torch.float64, chunk=chunk)
+        assert abs((num / den) ** 0.5 - want) <= 1e-12 * want
+    assert abs(_rel(a, b) - want) <= 1e-6 * want  # fp32 sums
+    assert abs(_rel(a.transpose(0, 2), b.transpose(0, 2)) - want) <= 1e-6 * want  # strided, no flattening copy
     col = b[:, :, :1]  # broadcast against the whole, as verify's offset check does
     b64, col64 = b.double(), col.double().expand_as(b)
-    assert abs(_rel(b, col) - float((b64 - col64).norm() / col64.norm())) < 1e-12
+    assert abs(_rel(b, col) - float((b64 - col64).norm() / col64.norm())) < 1e-6
     assert _rel(torch.zeros(0), torch.zeros(0)) == 0.0
+    # fp32 squares that overflow or underflow fall back to fp64: the same answer at any scale
+    for scale in (1e30, 1e-30):
+        assert abs(_rel(a * scale, b * scale) - want) <= 1e-6 * want
+        assert abs(_norm(b * scale) / (scale * float(b.double().norm())) - 1) <= 1e-6
+    assert _norm(torch.zeros(4)) == 0.0 and _norm(torch.full((4,), 1e-40, dtype=torch.float64)) > 0
 
 
 def test_verify_rejects_anticausal_filter():
