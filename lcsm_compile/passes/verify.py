@@ -199,11 +199,13 @@ def _device(cg: CapturedGraph) -> torch.device:
     return torch.device("cpu")
 
 
-def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0, offset_free: bool = False):
+def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0, offset_free: bool = False,
+                     offset: Tensor | None = None):
     """(f(delta at `at`) - f(0), f(0)); with `offset_free` (f(0) known to be exactly 0), f(0) is
-    not evaluated and comes back as None: one run of the region instead of two."""
+    not evaluated and comes back as None: one run of the region instead of two; an `offset`
+    already evaluated at this shape is used instead of a second run of f(0)."""
     d = torch.zeros(shape, dtype=dtype, device=device)
-    c = None if offset_free else fn(d)
+    c = None if offset_free else (offset if offset is not None else fn(d))
     d.select(axis, at).fill_(1)
     return (fn(d), c) if offset_free else (fn(d) - c, c)
 
@@ -279,7 +281,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     # The offset (bias) must not vary along time.
     if _rel(c, c.narrow(axis, 0, 1).expand_as(c)) > tol and _norm(c) > tol * scale:
         raise VerifyError("its offset f(0) varies with position")
-    if _leaks(fn, shape, axis, dtype, device, scale, tol):
+    if _leaks(fn, shape, axis, dtype, device, scale, tol, c):
         raise VerifyError("non-causal: reads future positions")
     # Which dims index channels and which the filter ignores (batch).
     others = [d for d in range(len(shape)) if d != axis]
@@ -301,7 +303,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
             if _rel(fn(2 * u) - c, 2 * got) > tol:
                 raise VerifyError("not linear in its input (a data-dependent filter or a nonlinearity)")
             if L > 2:
-                mid, _ = impulse_response(fn, shape, axis, dtype, device, at=L // 2)
+                mid, _ = impulse_response(fn, shape, axis, dtype, device, at=L // 2, offset=c)
                 n = L - L // 2
                 shifted = torch.zeros_like(h_full).narrow(axis, L // 2, n).copy_(h_full.narrow(axis, 0, n))
                 if _rel(mid.narrow(axis, L // 2, n), shifted) > tol:
@@ -312,12 +314,12 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     return mixer
 
 
-def _leaks(fn, shape, axis, dtype, device, scale: float, tol: float) -> bool:
-    """Causality: whether an impulse at the last step shows up earlier."""
+def _leaks(fn, shape, axis, dtype, device, scale: float, tol: float, offset: Tensor) -> bool:
+    """Causality: whether an impulse at the last step shows up earlier (`offset`: f(0))."""
     L = shape[axis]
     if L < 2:
         return False
-    last, _ = impulse_response(fn, shape, axis, dtype, device, at=L - 1)
+    last, _ = impulse_response(fn, shape, axis, dtype, device, at=L - 1, offset=offset)
     leak = _norm(last.narrow(axis, 0, L - 1))
     return leak > tol * max(scale, _norm(last))
 
@@ -363,7 +365,7 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
         mixer.offset_free = mixer.offset_free and not bool(c2.any())
         if tuple(h2_full.shape) != shp:
             return  # nor would the model: its output there is not one value per position
-        if _leaks(fn, shp, axis, dtype, device, max(_norm(h2_full), 1e-30), tol):
+        if _leaks(fn, shp, axis, dtype, device, max(_norm(h2_full), 1e-30), tol, c2):
             raise VerifyError(f"non-causal at L={L2}: reads future positions")
     except VerifyError:
         raise
