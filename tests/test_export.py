@@ -145,7 +145,8 @@ def test_numpy_mixers_match_the_model(exported):
 @pytest.mark.parametrize("P, L", [(0, 9), (1, 40), (7, 40), (13, 100), (63, 64), (64, 200), (100, 100)])
 def test_numpy_engine_equals_the_lazy_sum(P, L):
     """NumpyOnlineConv alone against the O(t) reference: prompts of every bit pattern (their
-    tiles reach past the prompt), up to max_len, and the steps after them."""
+    tiles reach past the prompt), up to max_len, and the steps after them; its history and
+    accumulators are rings of the largest tile's length, which prompts past it and steps wrap."""
     from lcsm_compile.export.online_conv_numpy import NumpyOnlineConv
     from lcsm_compile.kernels.online_conv import LazyOnlineConv
 
@@ -154,6 +155,7 @@ def test_numpy_engine_equals_the_lazy_sum(P, L):
     filters = torch.randn(M, D, L + 5, generator=g, dtype=torch.float64)
     u = torch.randn(L, M, B, D, generator=g, dtype=torch.float64)
     eng, ref = NumpyOnlineConv(filters.numpy(), B, L), LazyOnlineConv(filters, B, L)
+    assert eng.X.shape == eng.A.shape == (M, B, D, 1 << ((L - 1).bit_length() - 1))
     for m in range(M):
         prompt = u[:P, m].permute(1, 2, 0)
         y, want = eng.prefill(m, prompt.numpy()), ref.prefill(m, prompt)

@@ -4,6 +4,8 @@ tiling (DESIGN.md §2, kernels/online_conv/schedule.py): at step t the tile of s
 (i = t + 1, the schedule counts from 0) adds the block X[t+1-U : t+1] to A[t+1 : t+1+U] with a
 circular FFT of size 2U; a prompt of length P is its own convolution plus, for each set bit of P,
 the tile inside it whose outputs reach past it (O(P log P), whatever max_len). fp64 accumulators.
+X and A are rings of R slots, R the largest tile (the largest power of two below max_len), as in
+OnlineConv: the last R inputs and the next R outputs (a tile's blocks are aligned and never wrap).
 
 Deliberately torch-free (numpy only), like manifest.py and onnx_decoder.py.
 """
@@ -32,8 +34,9 @@ class NumpyOnlineConv:
         self.M, self.D, K = filters.shape
         self.B, self.max_len = int(batch), int(max_len)
         self.h = filters[..., : min(K, self.max_len)].astype(np.float64)
-        self.X = np.zeros((self.M, self.B, self.D, self.max_len), np.float64)
-        self.A = np.zeros((self.M, self.B, self.D, self.max_len), np.float64)
+        self.ring = 1 << max(0, (self.max_len - 1).bit_length() - 1)
+        self.X = np.zeros((self.M, self.B, self.D, self.ring), np.float64)
+        self.A = np.zeros((self.M, self.B, self.D, self.ring), np.float64)
         self._spectra: dict[int, np.ndarray] = {}
         self.reset()
 
@@ -49,7 +52,8 @@ class NumpyOnlineConv:
         self.A[:] = 0
 
     def prefill(self, m: int, u: np.ndarray) -> np.ndarray:
-        """y (B, D, P) for the prompt u (B, D, P) of mixer m; its contribution goes to A[m, ..., P:]."""
+        """y (B, D, P) for the prompt u (B, D, P) of mixer m; its contribution to later positions goes
+        to A[m], its last R positions to the history."""
         P = u.shape[-1]
         if u.shape != (self.B, self.D, P):
             raise ValueError(f"NumpyOnlineConv: prefill input must be {(self.B, self.D, 'P')}, got {u.shape}")
@@ -57,15 +61,16 @@ class NumpyOnlineConv:
             raise ValueError(f"NumpyOnlineConv: prompt of length {P} is longer than max_len={self.max_len}")
         if self._prompt_len is not None and P != self._prompt_len:
             raise ValueError(f"NumpyOnlineConv: every mixer's prompt must have length {self._prompt_len}, got {P}")
-        h = self.h[m]
-        self.A[m, ..., P:] = 0
-        self.X[m, ..., :P] = u
+        h, R = self.h[m], self.ring
+        self.A[m] = 0
+        kept = np.arange(max(0, P - R), P)
+        self.X[m][..., kept % R] = u[..., kept]
         for k in range(P.bit_length()):  # schedule.prompt_tiles
             U, end = 1 << k, (P >> k) << k
             if (P >> k) & 1 and end < self.max_len:
                 hi = min(end + U, self.max_len)
                 z = _conv(u[..., end - U : end], h[:, : 2 * U], 2 * U)  # outputs from the block's start
-                self.A[m, ..., P:hi] += z[..., P - end + U : hi - end + U]
+                self.A[m, ..., P % R : P % R + hi - P] += z[..., P - end + U : hi - end + U]
         self._prompt_len = self._position = P
         return _conv(u, h[:, :P], P).astype(u.dtype)
 
@@ -77,10 +82,12 @@ class NumpyOnlineConv:
             raise RuntimeError(f"NumpyOnlineConv: step past max_len={self.max_len}")
         if u_t.shape != (self.B, self.D):
             raise ValueError(f"NumpyOnlineConv: step input must be {(self.B, self.D)}, got {u_t.shape}")
-        t = self._position
+        t = self._position % self.ring
         self.X[m, ..., t] = u_t
         self._stepped.add(m)
-        return (self.A[m, ..., t] + self.h[m, None, :, 0] * u_t).astype(u_t.dtype)
+        y = (self.A[m, ..., t] + self.h[m, None, :, 0] * u_t).astype(u_t.dtype)
+        self.A[m, ..., t] = 0  # the slot now waits for position t + R
+        return y
 
     def advance(self) -> None:
         """The tile of every mixer for the current position, then the next position."""
@@ -91,10 +98,10 @@ class NumpyOnlineConv:
         U = (t + 1) & -(t + 1)
         dst = t + 1
         if dst < self.max_len:
-            n = min(U, self.max_len - dst)
-            block = self.X[..., dst - U : dst]  # (M, B, D, U)
+            n, src = min(U, self.max_len - dst), (dst - U) % self.ring
+            block = self.X[..., src : src + U]  # (M, B, D, U)
             z = np.fft.irfft(np.fft.rfft(block, 2 * U) * self._spectrum(U)[:, None], 2 * U)
-            self.A[..., dst : dst + n] += z[..., U - 1 : U - 1 + n]
+            self.A[..., dst % self.ring : dst % self.ring + n] += z[..., U - 1 : U - 1 + n]
         self._position += 1
         self._stepped.clear()
 
