@@ -19,6 +19,9 @@ product's load as inductor fuses the model's activations):
   graph without PDL (is it the early loads or the kernel itself?);
 - read only: every weight byte read once by one reduction, the floor under any chain.
 
+The product kernel is its own, not kernels/gemv.py's: that one streams x and w together in
+K-blocks, while the test needs a program's whole weight rows loaded before the wait.
+
 Correctness first (every variant vs an fp64 torch chain), then the time per chain (graph
 replays), its read rate of the weights and the time per layer; a table last; JSON + PNG in
 benchmarks/results (or $OUT). --smoke: tiny shapes on CPU (Triton through the interpreter,

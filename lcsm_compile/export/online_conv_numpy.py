@@ -34,7 +34,7 @@ class NumpyOnlineConv:
         self.M, self.D, K = filters.shape
         self.B, self.max_len = int(batch), int(max_len)
         self.h = filters[..., : min(K, self.max_len)].astype(np.float64)
-        self.ring = 1 << max(0, (self.max_len - 1).bit_length() - 1)
+        self.ring = 1 << max(0, (self.max_len - 1).bit_length() - 1)  # schedule.largest_tile (torch-free here)
         self.X = np.zeros((self.M, self.B, self.D, self.ring), np.float64)
         self.A = np.zeros((self.M, self.B, self.D, self.ring), np.float64)
         self._spectra: dict[int, np.ndarray] = {}
@@ -82,11 +82,11 @@ class NumpyOnlineConv:
             raise RuntimeError(f"NumpyOnlineConv: step past max_len={self.max_len}")
         if u_t.shape != (self.B, self.D):
             raise ValueError(f"NumpyOnlineConv: step input must be {(self.B, self.D)}, got {u_t.shape}")
-        t = self._position % self.ring
-        self.X[m, ..., t] = u_t
+        s = self._position % self.ring  # the position's slot in both rings
+        self.X[m, ..., s] = u_t
         self._stepped.add(m)
-        y = (self.A[m, ..., t] + self.h[m, None, :, 0] * u_t).astype(u_t.dtype)
-        self.A[m, ..., t] = 0  # the slot now waits for position t + R
+        y = (self.A[m, ..., s] + self.h[m, None, :, 0] * u_t).astype(u_t.dtype)
+        self.A[m, ..., s] = 0  # the slot now waits for the position R later
         return y
 
     def advance(self) -> None:

@@ -87,10 +87,7 @@ def _reduction(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, dt
         xs = call(aten.reshape.default, (xs, [M, splits, K // splits, 1]))
         ws = call(aten.reshape.default, (ws, [1, splits, K // splits, N]))
         part = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [2]))  # (M, splits, N)
-        y = call(aten.sum.dim_IntList, (part, [1]))
-        if bias is not None:
-            y = call(aten.add.Tensor, (y, bias))
-        return call(aten._to_copy.default, (y,), {"dtype": dtype})
+        return _bias_cast(graph, call(aten.sum.dim_IntList, (part, [1])), bias, dtype)
     return product_sum(graph, call(aten.unsqueeze.default, (xs, 2)), call(aten.unsqueeze.default, (ws, 0)),
                        bias, dtype)
 
@@ -99,7 +96,11 @@ def product_sum(graph: fx.Graph, xs: fx.Node, ws: fx.Node, bias: fx.Node | None,
     """sum_k xs[m, k, n] ws[0, k, n] (+ bias), cast to `dtype`: the reduction every decode product
     becomes (xs (M, K, 1) or (M, K, N) and ws (1, K, N), both in the accumulation dtype)."""
     call = graph.call_function
-    y = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1]))
+    return _bias_cast(graph, call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xs, ws)), [1])), bias, dtype)
+
+
+def _bias_cast(graph: fx.Graph, y: fx.Node, bias: fx.Node | None, dtype: torch.dtype) -> fx.Node:
+    """A product's sum (+ bias), cast back to the product's dtype."""
     if bias is not None:
-        y = call(aten.add.Tensor, (y, bias))
-    return call(aten._to_copy.default, (y,), {"dtype": dtype})
+        y = graph.call_function(aten.add.Tensor, (y, bias))
+    return graph.call_function(aten._to_copy.default, (y,), {"dtype": dtype})

@@ -64,7 +64,7 @@ from torch import Tensor
 from ..step_engine import StepEngine, resolve_backend
 from . import fft_tiles
 from .reference import compute_dtype
-from .schedule import default_tiles, level_at, num_levels, prompt_tiles, tile_at
+from .schedule import default_tiles, largest_tile, level_at, num_levels, prompt_tiles, tile_at
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -96,7 +96,7 @@ class OnlineConv(StepEngine):
 
         M, B, D, L = self.M, self.B, self.D, self.max_len
         self.h = filters[..., : min(K, L)].to(device=self.device, dtype=self.cdtype).contiguous()
-        self.ring = 1 << max(0, (L - 1).bit_length() - 1)
+        self.ring = largest_tile(L)
         self.X = torch.zeros(M, B, D, self.ring, dtype=self.dtype, device=self.device)
         self.A = torch.zeros(M, B, D, self.ring, dtype=self.cdtype, device=self.device)
         self.n_levels = num_levels(L)

@@ -51,6 +51,12 @@ def num_levels(max_len: int) -> int:
     return (max_len - 1).bit_length() if max_len >= 2 else 0
 
 
+def largest_tile(max_len: int) -> int:
+    """The largest tile the schedule runs for max_len (1 when none): no tile reads further back
+    or writes further ahead, so it is the length of the engine's history and accumulator rings."""
+    return 1 << max(0, num_levels(max_len) - 1)
+
+
 def tile_at(t: int, max_len: int) -> Tile | None:
     """The tile that runs after the step at position t, or None when it would write nothing."""
     if t < 0:

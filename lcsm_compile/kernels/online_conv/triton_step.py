@@ -81,12 +81,11 @@ def launch_step(u: Tensor, y: Tensor, X: Tensor, A: Tensor, h: Tensor, pos: Tens
     """u, y: (n_mixers, B, D) views (any strides); X (M, B, D, R) in the state dtype and A (M, B,
     D, R) fp32, R a power of two; h (M, D, KH)."""
     _, B, D, _ = X.shape
-    L = max_len
     block = step_block(interpret)
     grid = (triton.cdiv(B * D, block), n_mixers)
     _online_step_kernel[grid](
         u, y, X, A, h, pos,
-        m0, B, D, L, A.shape[-1], h.shape[-1],
+        m0, B, D, max_len, A.shape[-1], h.shape[-1],
         u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), y.stride(2),
         FUSE_LEVEL0=fuse_level0 and h.shape[-1] > 1, BLOCK=block, num_warps=4,
     )
