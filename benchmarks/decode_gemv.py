@@ -33,8 +33,9 @@ SHAPES = [("in_proj", 864, 2592), ("fc1", 864, 1728), ("fc2", 1728, 864), ("out_
 L2_BYTES = 60 << 20  # H100 50 MB, H200 60 MB of L2: the copies of a weight exceed it
 # Triton compiles once per (blocks, dtype, rows) and reuses it across shapes: 12 configs stay cheap.
 SPLITS = (2, 4)  # split-K variants of the inductor reduction (K = 864 and 1728 divide by both)
-TIMED = ("cublas", "inductor", "triton", "triton_best", *(f"split{S}" for S in SPLITS))
-SWEEP = [(bn, bk, 4) for bn in (4, 8, 16, 32) for bk in (128, 256, 512)]
+TIMED = ("cublas", "inductor", "triton", "triton_pdl", "triton_best", *(f"split{S}" for S in SPLITS))
+# (rows a program, BLOCK_K, warps) of the Triton kernel; a tile holds at most 16384 weight elements
+SWEEP = [(r, bk, w) for r in (2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8) if r * bk <= 16384]
 
 
 def inductor_reduction(x, w, b, splits: int = 1):
@@ -74,6 +75,8 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         "cublas": lambda W, b: torch.nn.functional.linear(x, W, b),
         "inductor": lambda W, b: inductor(x, W.t(), b),
         "triton": lambda W, b: gemv(x, W.t(), b),
+        # launched with PDL, each product's weight read overlaps the previous one's tail
+        "triton_pdl": lambda W, b: gemv(x, W.t(), b, pdl=True),
     }
     for S in SPLITS:
         fn = inductor_reduction(x, Ws[0].t(), bs[0], splits=S)
@@ -89,8 +92,8 @@ def bench_shape(name, K, N, M, dtype) -> dict:
             continue
         row[f"{key}_us"] = graph_us(lambda fn=fn: [fn(W, b) for W, b in zip(Ws, bs)], copies)
     best = None
-    for bn, bk, w in SWEEP:
-        blocks = (row["blocks"][0], bn, bk, w)
+    for rows, bk, w in SWEEP:
+        blocks = (row["blocks"][0], rows, bk, w)
         t = graph_us(lambda blocks=blocks: [gemv(x, W.t(), b, blocks=blocks) for W, b in zip(Ws, bs)], copies)
         if best is None or t < best[0]:
             best = (t, blocks)
@@ -105,13 +108,13 @@ def bench_shape(name, K, N, M, dtype) -> dict:
 
 def table(report: dict) -> str:
     lines = [f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['date']}",
-             f"{'shape':9s} {'dtype':8s} {'M':>2s} {'MB':>6s} | {'cuBLAS':>7s} {'inductor':>8s} {'triton':>7s} "
+             f"{'shape':9s} {'dtype':8s} {'M':>2s} {'MB':>6s} | {'cuBLAS':>7s} {'inductor':>8s} {'triton':>7s} {'pdl':>7s} "
              f"{'best':>7s} " + " ".join(f"{'split' + str(S):>7s}" for S in SPLITS) + f" us | {'TB/s best':>9s} | best blocks"]
     for r in report["rows"]:
         f = lambda v: f"{v:7.2f}" if v else "      -"  # noqa: E731
         tb = r.get("triton_best_tbps")
         lines.append(f"{r['name']:9s} {r['dtype']:8s} {r['M']:>2d} {r['weight_mb']:6.1f} | {f(r['cublas_us'])} "
-                     f"{f(r['inductor_us']):>8s} {f(r['triton_us'])} {f(r['triton_best_us'])} "
+                     f"{f(r['inductor_us']):>8s} {f(r['triton_us'])} {f(r.get('triton_pdl_us'))} {f(r['triton_best_us'])} "
                      + " ".join(f(r.get(f"split{S}_us")) for S in SPLITS) + "    | "
                      f"{tb if tb is None else round(tb, 2)!s:>9s} | {r['triton_best_blocks']}")
     return "\n".join(lines)

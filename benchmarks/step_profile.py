@@ -86,6 +86,7 @@ def summary(results: dict) -> str:
 # decode options with a flag: (flag, option, file-name tag, type); the file name gets _{tag}{value}
 OPTION_FLAGS = (("--gemv-rows", "decode_gemv_rows", "gemv", int),
                 ("--gemv-kernel", "decode_gemv_kernel", "", str),
+                ("--gemv-triton-rows", "decode_gemv_triton_rows", "tritonrows", int),
                 ("--gemv-splits", "decode_gemv_splits", "split", int),
                 ("--persistent-k", "decode_persistent_k", "persistent", int),
                 ("--pdl", "decode_pdl", "pdl", lambda v: bool(int(v))),

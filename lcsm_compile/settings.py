@@ -46,6 +46,11 @@ class Settings:
     # What those products become: "reduction" (inductor's, tuned) or "triton" (kernels/gemv.py,
     # one extern call each; 1.2-1.5x slower than the reduction on an H200, decode_gemv.py).
     decode_gemv_kernel: str = "reduction"
+    # Decode steps (CUDA): products with more rows than decode_gemv_rows and at most this many
+    # (<= 8) become lcsm::gemv calls (kernels/gemv.py: weight rows read once for all rows, before
+    # the PDL wait) instead of cuBLAS matmuls; 0: never. H200, Hyena-153M fp32, B = 8: cuBLAS
+    # took 900 of a token's 1238 kernel µs (step_profile.py, 2026-12-01).
+    decode_gemv_triton_rows: int = 8
     # The reductions split along K into this many partial sums, then summed (1: not split): more
     # outputs to spread over the SMs. Measured slower: H200, Hyena-153M fp32, step_profile.py,
     # 2026-12-01: 2 splits 694.8 vs 589.0 us/token (19 more kernels, no faster reads). Kept as an option.
@@ -105,6 +110,8 @@ class Settings:
             raise bad("inline_short_taps", "an int >= 0")
         if not isinstance(self.decode_gemv_rows, int) or self.decode_gemv_rows < 0:
             raise bad("decode_gemv_rows", "an int >= 0")
+        if not isinstance(self.decode_gemv_triton_rows, int) or not 0 <= self.decode_gemv_triton_rows <= 8:
+            raise bad("decode_gemv_triton_rows", "an int from 0 to 8")
         if not isinstance(self.decode_gemv_splits, int) or self.decode_gemv_splits < 1:
             raise bad("decode_gemv_splits", "an int >= 1")
         if not isinstance(self.decode_persistent_k, int) or self.decode_persistent_k < 0:

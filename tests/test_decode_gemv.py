@@ -115,6 +115,28 @@ def test_products_become_gemv_calls_with_the_same_values(rows):
     assert ((out - want).norm() / want.norm()).item() <= 1e-6
 
 
+def test_wider_products_become_gemv_calls_only_in_their_row_range():
+    """The segment compiler's second rewrite (decode_gemv_triton_rows): products of more rows than
+    the reductions take, up to the limit, become lcsm::gemv calls; 1-row ones are left alone."""
+    for rows, want_calls in ((1, 0), (3, 2), (8, 2), (9, 0)):
+        gm, args = _graph(rows, torch.float32, rows)
+        want = gm(*args)
+        assert decompose_gemv(gm, max_rows=8, kernel="triton", min_rows=2, pdl=True) == want_calls
+        calls = [n for n in gm.graph.nodes if n.target is torch.ops.lcsm.gemv.default]
+        assert len(calls) == want_calls and all(n.args[3] is True for n in calls)
+        got = gm(*args)
+        assert ((got - want).norm() / want.norm()).item() <= 1e-6
+
+
+def test_gemv_triton_rows_option():
+    assert Settings().decode_gemv_triton_rows == 8
+    for bad in (-1, 9, 2.0):
+        with pytest.raises(ValueError, match="decode_gemv_triton_rows"):
+            Settings.from_options({"decode_gemv_triton_rows": bad})
+    cpu = SegmentCompiler.for_device(torch.device("cpu"), Settings())
+    assert cpu.gemv_triton_rows == 0  # a CUDA-only kernel choice
+
+
 def test_gemv_kernel_option():
     assert Settings.from_options({"decode_gemv_kernel": "triton"}).decode_gemv_kernel == "triton"
     with pytest.raises(ValueError, match="decode_gemv_kernel"):

@@ -26,11 +26,11 @@ def _rel_per_position(got, want):
     return ((g - w).norm(dim=(0, 2)) / w.norm(dim=(0, 2)).clamp_min(1e-30)).max().item()
 
 
-def _inductor_decoder_error(seed: int, prompt: int, length: int, **options):
-    """hyena_lm decoded with inductor segments and `options` (B = 1) against its eager forward:
-    the decoder and its worst relative error per position."""
+def _inductor_decoder_error(seed: int, prompt: int, length: int, batch: int = 1, **options):
+    """hyena_lm decoded with inductor segments and `options` against its eager forward: the
+    decoder and its worst relative error per position."""
     model = _model("hyena_lm")
-    x = ZOO["hyena_lm"].make_inputs(model, 1, length, torch.Generator().manual_seed(seed))[0].to(DEV)
+    x = ZOO["hyena_lm"].make_inputs(model, batch, length, torch.Generator().manual_seed(seed))[0].to(DEV)
     with torch.no_grad():
         ref = model(x)
     dec = lcsm_compile.decoder(model, x[:, :prompt], max_len=length, inner_backend="inductor", **options)
@@ -60,6 +60,17 @@ def test_gemv_at_batch_one_match_eager(kernel, counter):
     lcsm_compile.counters.clear()
     _, err = _inductor_decoder_error(1, 13, 200, decode_gemv_kernel=kernel)
     assert lcsm_compile.counters["decode"][counter] > 0
+    assert err <= 1e-4, f"{err:.2e}"
+
+
+@pytest.mark.parametrize("batch, triton_rows", [(3, 8), (8, 8), (3, 0)])
+def test_batched_products_as_triton_gemv_match_eager(batch, triton_rows):
+    """decode_gemv_triton_rows (default 8): at B = 2..8 the step's products are lcsm::gemv calls
+    (weights read before the PDL wait) instead of cuBLAS matmuls; 0 keeps cuBLAS."""
+    lcsm_compile.counters.clear()
+    dec, err = _inductor_decoder_error(3, 11, 180, batch=batch, decode_gemv_triton_rows=triton_rows)
+    assert dec.program.compiler.gemv_triton_rows == triton_rows
+    assert (lcsm_compile.counters["decode"]["gemv_kernels"] > 0) == bool(triton_rows)
     assert err <= 1e-4, f"{err:.2e}"
 
 

@@ -46,8 +46,24 @@ def test_gemv_bad_input():
 
 
 def test_gpu_blocks_fill_the_machine():
-    # two or more waves of 132 SMs where the output allows it; never more than 64 outputs a program
-    for N in (864, 1728, 2592, 50264):
-        _, bn, bk, _ = gemv_blocks(1, N, 864)
-        assert 4 <= bn <= 64 and bk == 256
-        assert -(-N // bn) >= 264 or bn == 4
+    # a program per SM (132) or more where the output allows it, at most 16 rows a program, and
+    # whole weight rows in one tile where ROWS x K fits the register budget
+    for N in (7, 864, 1728, 2592, 50264):
+        for K in (864, 1728, 11008):
+            bm, rows, bk, warps = gemv_blocks(8, N, K)
+            assert bm == 8 and 1 <= rows <= 16 and rows & (rows - 1) == 0
+            assert -(-N // rows) >= 132 or rows == 1
+            assert rows * bk <= 16384
+            assert bk >= K or rows * bk == 16384
+
+
+@pytest.mark.parametrize("M, K, N, rows, block_k", [(3, 2500, 40, 8, 512), (8, 700, 33, 4, 256), (5, 64, 9, 16, 64)])
+def test_gemv_rows_longer_than_a_tile(M, K, N, rows, block_k):
+    """Weight rows that need several tiles (the loop after the first, pre-wait tile), padded rows
+    of x (M < BLOCK_M) and programs past the last output."""
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(M, K, generator=g).to(DEV)
+    W = torch.randn(N, K, generator=g).to(DEV)
+    b = torch.randn(N, generator=g).to(DEV)
+    y = gemv(x, W.t(), b, blocks=(8, rows, block_k, 4))
+    assert _rel(y, gemv_reference(x, W.t(), b)) <= 1e-6

@@ -3,15 +3,17 @@
     y[m, n] = sum_k x[m, k] w[k, n] (+ b[n])        M <= 8 rows, fp32 accumulation
 
 At one position per sequence every projection of a decode step is bound by reading its weight
-once. cuBLAS's fp32 GEMV read Hyena-153M's 3-9 MB weights at about a third of an H200's
-bandwidth, and inductor's fused reductions (passes/decode_gemv.py) at 0.9-1.7 TB/s
-(benchmarks/step_profile.py, 2026-12-01). This kernel is the hand-written candidate: a program
-owns BLOCK_N outputs, streams their weight rows along K (contiguous for a transposed nn.Linear
-weight, the layout `mm` sees) and keeps a (BLOCK_M, BLOCK_N, BLOCK_K) product reduced once per
-chunk. `benchmarks/decode_gemv.py` holds it against cuBLAS and inductor's reduction on the
-model's shapes: on an H200 (2026-12-01, fp32, one row) the reduction was 1.2-1.5x faster even
-than this kernel's best swept blocks, so the decode path uses it (as the custom op `lcsm::gemv`)
-only when asked, `options={"decode_gemv_kernel": "triton"}`.
+once, and a step is a chain of such products, each waiting for the last. A program owns ROWS
+outputs and loads their weight rows (contiguous along K for a transposed nn.Linear weight, the
+layout `mm` sees), a whole row where it fits (BLOCK_K = K), *before* it waits for the previous
+kernel: launched with programmatic dependent launch (`pdl`, Hopper), its weight reads overlap
+the predecessor's tail; then it reads the M vectors and reduces one row of x at a time (each
+weight element is read from memory once for all M rows).
+
+H200, 2026-12-01: inductor's fused reductions (passes/decode_gemv.py, the B = 1 default) beat
+cuBLAS 1.3-2x at one row, and a chain of Hyena-153M's 72 products with this kernel's loading
+order under PDL took 168 µs against inductor's 216 (benchmarks/decode_chain.py). At 2-8 rows
+the step's products are cuBLAS matmuls unless they become this kernel (`decode_gemv_triton_rows`).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["gemv", "gemv_blocks", "gemv_op", "gemv_reference", "MAX_ROWS"]
+__all__ = ["gemv", "gemv_blocks", "gemv_op", "gemv_reference", "MAX_ROWS", "pdl_supported"]
 
 MAX_ROWS = 8
+_TILE = 16384  # weight elements a program holds in registers (ROWS x BLOCK_K): 64 fp32 a thread at 8 warps
+_SMS = 132     # H100 / H200
 
 
 def gemv_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -34,47 +38,72 @@ def gemv_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.to(x.dtype)
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA on sm90 or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@triton.jit
+def _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w, M, BLOCK_M: tl.constexpr):
+    # acc[m, :] += w @ x[m, o_k] for every row m of x; w is (ROWS, BLOCK_K) in fp32
+    o_m = tl.arange(0, BLOCK_M)
+    for m in tl.static_range(BLOCK_M):
+        x_m = tl.load(x_ptr + m * sxm + o_k * sxk, mask=m_k & (o_k * 0 + m < M), other=0.0).to(tl.float32)
+        part = tl.sum(w * x_m[None, :], axis=1)
+        acc = tl.where(o_m[:, None] == m, acc + part[None, :], acc)
+    return acc
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
     sxm, sxk, swk, swn, sym, syn,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    o_m = tl.arange(0, BLOCK_M)
-    o_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m_m, m_n = o_m < M, o_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_x = tl.load(x_ptr + o_m[:, None] * sxm + o_k[None, :] * sxk, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(w_ptr + o_n[:, None] * swn + o_k[None, :] * swk, mask=m_n[:, None] & m_k[None, :], other=0.0)
-        acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+    o_n = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    m_n = o_n < N
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < K
+    # the weight is no output of earlier kernels: its first tile is read before the wait
+    w = tl.load(w_ptr + o_n[:, None] * swn + o_k[None, :] * swk, mask=m_n[:, None] & m_k[None, :], other=0.0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w.to(tl.float32), M, BLOCK_M)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # only where a row does not fit one tile
+        o_kk = k0 + o_k
+        m_kk = o_kk < K
+        w = tl.load(w_ptr + o_n[:, None] * swn + o_kk[None, :] * swk, mask=m_n[:, None] & m_kk[None, :], other=0.0)
+        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_kk, m_kk, w.to(tl.float32), M, BLOCK_M)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    o_m = tl.arange(0, BLOCK_M)
     tl.store(y_ptr + o_m[:, None] * sym + o_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-             mask=m_m[:, None] & m_n[None, :])
+             mask=(o_m < M)[:, None] & m_n[None, :])
 
 
 def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). On a GPU: enough programs for two or more waves
-    of an H100/H200 (132 SMs) so every SM has weight loads in flight, K in 256-wide chunks.
-    The interpreter runs programs one by one: few, large ones."""
+    """(BLOCK_M, ROWS, BLOCK_K, num_warps). On a GPU: at least one program per SM (132), up to 16
+    rows each, whole weight rows in one tile while ROWS x K fits _TILE. The interpreter runs
+    programs one by one: few, large ones."""
     block_m = triton.next_power_of_2(max(M, 1))
+    k = triton.next_power_of_2(max(K, 1))
     if interpret:
-        return block_m, min(triton.next_power_of_2(N), 64), min(triton.next_power_of_2(K), 512), 4
-    block_n = 4
-    while block_n < 64 and triton.cdiv(N, block_n * 2) >= 264:
-        block_n *= 2
-    return block_m, block_n, min(triton.next_power_of_2(K), 256), 4
+        return block_m, min(triton.next_power_of_2(N), 64), min(k, 1024), 4
+    rows = 1
+    while rows < 16 and rows * 2 <= N // _SMS and rows * 2 * min(k, 1024) <= _TILE:
+        rows *= 2
+    return block_m, rows, min(k, _TILE // rows), 8
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-         out: Tensor | None = None) -> Tensor:
+         out: Tensor | None = None, pdl: bool = False) -> Tensor:
     """y = x @ w (+ bias) for x (M, K) with M <= MAX_ROWS, w (K, N) (any strides; fastest with
-    w.stride(0) == 1, a transposed nn.Linear weight), bias (N,). y has x's dtype."""
+    w.stride(0) == 1, a transposed nn.Linear weight), bias (N,). y has x's dtype. `pdl`: launched
+    with programmatic dependent launch (ignored where the device has none)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"gemv: want x (M, K) and w (K, N), got {tuple(x.shape)} and {tuple(w.shape)}")
     M, K = x.shape
@@ -86,27 +115,30 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int,
     if x.device != w.device or (bias is not None and bias.device != x.device):
         raise ValueError("gemv: x, w and bias must be on one device")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    block_m, block_n, block_k, warps = blocks or gemv_blocks(M, N, K, interpret=not x.is_cuda)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
+    block_m, rows, block_k, warps = blocks or gemv_blocks(M, N, K, interpret=not x.is_cuda)
+    pdl = pdl and pdl_supported(x.device)
+    _gemv_kernel[(triton.cdiv(N, rows),)](
         x, w, bias if bias is not None else x, y, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, ROWS=rows, BLOCK_K=block_k, USE_GDC=pdl,
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
 
 @torch.library.custom_op("lcsm::gemv", mutates_args=())
-def gemv_op(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+def gemv_op(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
     """`gemv` as one graph node for inductor-compiled decode segments (an extern call there).
-    CUDA: the Triton kernel; elsewhere the same sum in torch (fp32 accumulation)."""
+    CUDA: the Triton kernel (`pdl`: launched with programmatic dependent launch, for a segment
+    whose inductor kernels use it too); elsewhere the same sum in torch (fp32 accumulation)."""
     if x.is_cuda:
-        return gemv(x, w, bias)
+        return gemv(x, w, bias, pdl=pdl)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(acc) @ w.to(acc)
     return (y if bias is None else y + bias.to(acc)).to(x.dtype)
 
 
 @gemv_op.register_fake
-def _(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+def _(x: Tensor, w: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
     torch._check(x.dim() == 2 and w.dim() == 2, lambda: "lcsm::gemv: x (M, K) and w (K, N)")
     return x.new_empty(x.shape[0], w.shape[1])

@@ -9,7 +9,9 @@ coordinate-descent tuning (COMPILE_OPTIONS) picks block sizes near bandwidth.
 
 Only the step program's segments get this (their row count is the batch); prefill keeps cuBLAS.
 `kernel="triton"` makes each product one `lcsm::gemv` call instead (kernels/gemv.py: a
-hand-written GEMV, an extern call to inductor; its bias is fused, anything else is not).
+hand-written GEMV that reads its weight before waiting for the previous kernel, an extern call
+to inductor; its bias is fused, anything else is not): at 2-8 rows, where inductor's reductions
+re-read the weight per row and cuBLAS's small-M kernels are slow.
 """
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ def _rows(node: fx.Node) -> int | None:
     return val.shape[0]
 
 
-def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1) -> int:
-    """Rewrites `mm(x, w)` and `addmm(b, x, w)` with at most `max_rows` rows of x in place:
+def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction", splits: int = 1,
+                   min_rows: int = 1, pdl: bool = False) -> int:
+    """Rewrites `mm(x, w)` and `addmm(b, x, w)` with `min_rows` to `max_rows` rows of x in place:
     sum_k x[m, k] w[k, n] in fp32, cast back to the product's dtype, as a reduction (kernel
     "reduction"; with `splits` > 1 dividing K, partial sums over K / splits and then their sum)
-    or one `lcsm::gemv` node ("triton"). Returns how many."""
+    or one `lcsm::gemv` node ("triton"; `pdl`: launched with programmatic dependent launch).
+    Returns how many."""
     if kernel not in ("reduction", "triton"):
         raise ValueError(f"decompose_gemv: kernel must be 'reduction' or 'triton', got {kernel!r}")
     if kernel == "triton":
@@ -56,11 +60,11 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction",
             bias, (x, w) = None, node.args
         rows = _rows(x)
         out = node.meta.get("val")
-        if rows is None or rows > max_rows or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+        if rows is None or not min_rows <= rows <= max_rows or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
             continue
         with graph.inserting_before(node):
             if kernel == "triton":
-                y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias))
+                y = graph.call_function(torch.ops.lcsm.gemv.default, (x, w, bias, pdl))
                 y.meta["val"] = out
             else:
                 y = _reduction(graph, x, w, bias, out.dtype, splits)

@@ -5,7 +5,8 @@ At one position a segment is matrix-vector products and pointwise work, bound by
 weight reads. On CUDA its products with at most `gemv_rows` rows become fused reductions
 (passes/decode_gemv.py) whose block sizes coordinate-descent tuning picks, and on sm90+ its
 kernels use programmatic dependent launch (`pdl`: a kernel's prologue overlaps its predecessor's
-tail; a Hyena-153M token is ~170 such kernels). On CPU none of this applies.
+tail; a Hyena-153M token is ~170 such kernels). Products of more rows, up to `gemv_triton_rows`
+(a batch of 2-8), become Triton GEMV calls, launched with PDL too. On CPU none of this applies.
 
 `persistent_k`: inductor keeps a row reduction persistent (one block holds all of K, every load
 issued at once) only up to K = 1024 and loops over K beyond; at one position a looped product is
@@ -35,6 +36,7 @@ class SegmentCompiler:
     inductor: bool = False             # False: the traced graphs run eagerly (inner_backend eager/aot_eager)
     gemv_rows: int = 0                 # products with at most this many rows -> reductions (0: none)
     gemv_kernel: str = "reduction"     # or "triton": lcsm::gemv calls (kernels/gemv.py)
+    gemv_triton_rows: int = 0          # products with gemv_rows < rows <= this -> lcsm::gemv calls
     gemv_splits: int = 1               # reductions split along K into this many partial sums
     pdl: bool = False                  # programmatic dependent launch for the inductor kernels
     persistent_k: int = 0              # row reductions up to this K persistent (0: inductor's 1024)
@@ -48,8 +50,8 @@ class SegmentCompiler:
         if device.type != "cuda":
             return cls(inductor, gemv_kernel=s.decode_gemv_kernel, gemv_splits=s.decode_gemv_splits)
         pdl = s.decode_pdl and torch.cuda.get_device_capability(device) >= (9, 0)
-        return cls(inductor, s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_splits, pdl,
-                   s.decode_persistent_k, s.decode_fuse_norm)
+        return cls(inductor, s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_triton_rows,
+                   s.decode_gemv_splits, pdl, s.decode_persistent_k, s.decode_fuse_norm)
 
     def inductor_options(self, reductions: int) -> dict:
         options = dict(COMPILE_OPTIONS) if reductions and self.gemv_kernel == "reduction" else {}
@@ -67,8 +69,10 @@ class SegmentCompiler:
 
         fused = fuse_norm_into_gemv(gm, self.gemv_rows) if self.fuse_norm and self.gemv_kernel == "reduction" else 0
         counters["decode"]["norms_in_gemv"] += fused
-        n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits) + fused
+        n = decompose_gemv(gm, self.gemv_rows, self.gemv_kernel, self.gemv_splits, pdl=self.pdl) + fused
         counters["decode"]["gemv_reductions" if self.gemv_kernel == "reduction" else "gemv_kernels"] += n
+        wide = decompose_gemv(gm, self.gemv_triton_rows, "triton", min_rows=self.gemv_rows + 1, pdl=self.pdl)
+        counters["decode"]["gemv_kernels"] += wide
         with contextlib.ExitStack() as stack:
             stack.enter_context(inductor_config.patch(self.inductor_options(n)))
             if self.persistent_k:
