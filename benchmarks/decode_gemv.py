@@ -35,7 +35,7 @@ L2_BYTES = 60 << 20  # H100 50 MB, H200 60 MB of L2: the copies of a weight exce
 SPLITS = (2, 4)  # split-K variants of the inductor reduction (K = 864 and 1728 divide by both)
 TIMED = ("cublas", "inductor", "triton", "triton_pdl", "triton_best", *(f"split{S}" for S in SPLITS))
 # (rows a program, BLOCK_K, warps) of the Triton kernel; a tile holds at most 16384 weight elements
-SWEEP = [(r, bk, w) for r in (2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8) if r * bk <= 16384]
+SWEEP = [(r, bk, w) for r in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8) if r * bk <= 16384]
 
 
 def inductor_reduction(x, w, b, splits: int = 1):
@@ -91,10 +91,11 @@ def bench_shape(name, K, N, M, dtype) -> dict:
             log(f"  {name} {row['dtype']} M={M}: {key} rel err {err:.1e} > {tol}: not timed")
             continue
         row[f"{key}_us"] = graph_us(lambda fn=fn: [fn(W, b) for W, b in zip(Ws, bs)], copies)
-    best = None
+    best, row["sweep"] = None, []
     for rows, bk, w in SWEEP:
         blocks = (row["blocks"][0], rows, bk, w)
         t = graph_us(lambda blocks=blocks: [gemv(x, W.t(), b, blocks=blocks) for W, b in zip(Ws, bs)], copies)
+        row["sweep"].append([list(blocks), t])
         if best is None or t < best[0]:
             best = (t, blocks)
     row["triton_best_us"], row["triton_best_blocks"] = best[0], list(best[1])

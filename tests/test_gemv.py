@@ -1,6 +1,7 @@
 """kernels/gemv.py (Triton, through the interpreter on CPU) against the torch reference."""
 import pytest
 import torch
+import triton
 
 from lcsm_compile.kernels.gemv import gemv, gemv_blocks, gemv_reference
 
@@ -48,13 +49,14 @@ def test_gemv_bad_input():
 def test_gpu_blocks_fill_the_machine():
     # a program per SM (132) or more where the output allows it, at most 16 rows a program, and
     # whole weight rows in one tile where ROWS x K fits the register budget
-    for N in (7, 864, 1728, 2592, 50264):
-        for K in (864, 1728, 11008):
-            bm, rows, bk, warps = gemv_blocks(8, N, K)
-            assert bm == 8 and 1 <= rows <= 16 and rows & (rows - 1) == 0
-            assert -(-N // rows) >= 132 or rows == 1
-            assert rows * bk <= 16384
-            assert bk >= K or rows * bk == 16384
+    for M, most, programs in ((1, 16, 132), (3, 4, 528), (8, 4, 528)):
+        for N in (7, 864, 1728, 2592, 50264):
+            for K in (864, 1728, 11008):
+                bm, rows, bk, warps = gemv_blocks(M, N, K)
+                assert bm == triton.next_power_of_2(M) and 1 <= rows <= most and rows & (rows - 1) == 0
+                assert N // rows >= programs or rows == 1
+                assert rows * bk <= 16384
+                assert bk >= K or rows * bk == 16384
 
 
 @pytest.mark.parametrize("M, K, N, rows, block_k", [(3, 2500, 40, 8, 512), (8, 700, 33, 4, 256), (5, 64, 9, 16, 64)])

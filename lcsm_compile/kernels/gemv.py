@@ -86,17 +86,21 @@ def _gemv_kernel(
 
 
 def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, ROWS, BLOCK_K, num_warps). On a GPU: at least one program per SM (132), up to 16
-    rows each, whole weight rows in one tile while ROWS x K fits _TILE. The interpreter runs
-    programs one by one: few, large ones."""
+    """(BLOCK_M, ROWS, BLOCK_K, num_warps). On a GPU, one row of x: up to 16 weight rows a
+    program at 8 warps while there is a program per SM (132), as decode_chain.py measured; several
+    rows of x: 4 warps and at most 4 rows, down to 4 programs per SM (H200, M = 8: the best of
+    decode_gemv.py's sweep was 4 rows for in_proj and fc2, 2 for fc1, all at 4 warps, 1.3-1.7x
+    faster than 16 rows at 8 warps). Whole weight rows in one tile while ROWS x K fits _TILE. The
+    interpreter runs programs one by one: few, large ones."""
     block_m = triton.next_power_of_2(max(M, 1))
     k = triton.next_power_of_2(max(K, 1))
     if interpret:
         return block_m, min(triton.next_power_of_2(N), 64), min(k, 1024), 4
+    most, programs, warps = (16, _SMS, 8) if M == 1 else (4, 4 * _SMS, 4)
     rows = 1
-    while rows < 16 and rows * 2 <= N // _SMS and rows * 2 * min(k, 1024) <= _TILE:
+    while rows < most and N // (rows * 2) >= programs and rows * 2 * min(k, 1024) <= _TILE:
         rows *= 2
-    return block_m, rows, min(k, _TILE // rows), 8
+    return block_m, rows, min(k, _TILE // rows), warps
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
