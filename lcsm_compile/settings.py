@@ -48,8 +48,8 @@ class Settings:
     decode_gemv_kernel: str = "reduction"
     # Decode steps (CUDA): products with more rows than decode_gemv_rows and at most this many
     # (<= 8) become lcsm::gemv calls (kernels/gemv.py: weight rows read once for all rows, before
-    # the PDL wait) instead of cuBLAS matmuls; 0: never. H200, Hyena-153M fp32, B = 8: cuBLAS
-    # took 900 of a token's 1238 kernel µs (step_profile.py, 2026-12-01).
+    # the PDL wait) instead of cuBLAS matmuls; 0: never. H200, Hyena-153M fp32, B = 8,
+    # step_profile.py, 2026-12-01: 1316.5 -> 1093.3 us/token same run, 821.4 with retuned blocks.
     decode_gemv_triton_rows: int = 8
     # The reductions split along K into this many partial sums, then summed (1: not split): more
     # outputs to spread over the SMs. Measured slower: H200, Hyena-153M fp32, step_profile.py,

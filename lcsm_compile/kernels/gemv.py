@@ -12,8 +12,10 @@ weight element is read from memory once for all M rows).
 
 H200, 2026-12-01: inductor's fused reductions (passes/decode_gemv.py, the B = 1 default) beat
 cuBLAS 1.3-2x at one row, and a chain of Hyena-153M's 72 products with this kernel's loading
-order under PDL took 168 µs against inductor's 216 (benchmarks/decode_chain.py). At 2-8 rows
-the step's products are cuBLAS matmuls unless they become this kernel (`decode_gemv_triton_rows`).
+order under PDL took 168 µs against inductor's 216 (benchmarks/decode_chain.py), but at B = 1
+the reductions keep the step's layer norms inside them and stay the default. At 2-8 rows this
+kernel replaces cuBLAS's small-M matmuls (`decode_gemv_triton_rows`): 1.4-2.7x faster per
+product at M = 8, a B = 8 token 1316.5 -> 821.4 µs (benchmarks/decode_gemv.py, step_profile.py).
 """
 from __future__ import annotations
 
