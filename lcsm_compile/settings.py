@@ -43,12 +43,14 @@ class Settings:
     # fused, tuned reductions instead of cuBLAS GEMV launches (passes/decode_gemv.py); 0: never.
     # H200, Hyena-153M fp32: 1 row 816 -> 662 us/token; 8 rows 1329 -> 1555 (worse), hence 1.
     decode_gemv_rows: int = 1
-    # What those products become: "reduction" (inductor's, tuned) or "triton" (kernels/gemv.py,
-    # one extern call each; 1.2-1.5x slower than the reduction on an H200, decode_gemv.py).
+    # What those products become: "reduction" (inductor's, tuned, the layer norms inside) or
+    # "triton" (kernels/gemv.py, one extern call each; H200, Hyena-153M fp32, B = 1: 531.2
+    # us/token in step_profile.py vs 456.6-492 with the reductions, other machine starts).
     decode_gemv_kernel: str = "reduction"
     # Decode steps (CUDA): products with more rows than decode_gemv_rows and at most this many
-    # (<= 8) become lcsm::gemv calls (kernels/gemv.py: weight rows read once for all rows, before
-    # the PDL wait) instead of cuBLAS matmuls; 0: never. H200, Hyena-153M fp32, B = 8,
+    # (<= 8; with decode_gemv_rows = 0, one-row products too) become lcsm::gemv calls
+    # (kernels/gemv.py: weight rows read once for all rows, before the PDL wait) instead of
+    # cuBLAS matmuls; 0: never. H200, Hyena-153M fp32, B = 8,
     # step_profile.py, 2026-12-01: 1316.5 -> 1093.3 us/token same run, 821.4 with retuned blocks.
     decode_gemv_triton_rows: int = 8
     # The reductions split along K into this many partial sums, then summed (1: not split): more

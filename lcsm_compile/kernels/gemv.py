@@ -19,6 +19,8 @@ product at M = 8, a B = 8 token 1316.5 -> 821.4 µs (benchmarks/decode_gemv.py, 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,7 @@ def gemv_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.to(x.dtype)
 
 
+@functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: CUDA on sm90 or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
@@ -90,9 +93,10 @@ def _gemv_kernel(
 def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, ROWS, BLOCK_K, num_warps). On a GPU, one row of x: up to 16 weight rows a
     program at 8 warps while there is a program per SM (132), as decode_chain.py measured; several
-    rows of x: 4 warps and at most 4 rows, down to 4 programs per SM (H200, M = 8: the best of
-    decode_gemv.py's sweep was 4 rows for in_proj and fc2, 2 for fc1, all at 4 warps, 1.3-1.7x
-    faster than 16 rows at 8 warps). Whole weight rows in one tile while ROWS x K fits _TILE. The
+    rows of x: 4 warps and at most 4 rows, down to 4 programs per SM (H200, M = 8,
+    decode_gemv_h200_m8.json: the sweep's best was 4 rows for in_proj, 2 for fc1, 1 for fc2 and
+    out_proj, all at 4 warps, which is what this picks; the first choice, up to 16 rows at 8
+    warps, was 1.1-1.7x slower). Whole weight rows in one tile while ROWS x K fits _TILE. The
     interpreter runs programs one by one: few, large ones."""
     block_m = triton.next_power_of_2(max(M, 1))
     k = triton.next_power_of_2(max(K, 1))

@@ -60,7 +60,9 @@ def decompose_gemv(gm: fx.GraphModule, max_rows: int, kernel: str = "reduction",
             bias, (x, w) = None, node.args
         rows = _rows(x)
         out = node.meta.get("val")
-        if rows is None or not min_rows <= rows <= max_rows or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+        if rows is None or not min_rows <= rows <= max_rows:
+            continue
+        if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
             continue
         with graph.inserting_before(node):
             if kernel == "triton":

@@ -49,7 +49,9 @@ class SegmentCompiler:
         device, inductor = torch.device(device), s.inner_backend == "inductor"
         if device.type != "cuda":
             return cls(inductor, gemv_kernel=s.decode_gemv_kernel, gemv_splits=s.decode_gemv_splits)
-        pdl = s.decode_pdl and torch.cuda.get_device_capability(device) >= (9, 0)
+        from ..kernels.gemv import pdl_supported  # noqa: PLC0415 - loads triton, CUDA only
+
+        pdl = s.decode_pdl and pdl_supported(device)
         return cls(inductor, s.decode_gemv_rows, s.decode_gemv_kernel, s.decode_gemv_triton_rows,
                    s.decode_gemv_splits, pdl, s.decode_persistent_k, s.decode_fuse_norm)
 
