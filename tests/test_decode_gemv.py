@@ -128,6 +128,24 @@ def test_wider_products_become_gemv_calls_only_in_their_row_range():
         assert ((got - want).norm() / want.norm()).item() <= 1e-6
 
 
+def test_inductor_decoder_with_gemv_calls_matches_eager(monkeypatch):
+    """What a GPU's segment compiler does at B = 3 (reductions for one row, lcsm::gemv calls for
+    2-8), forced on a CPU: the step program's products become the op (its torch fallback here),
+    inductor compiles the segments around it, and the decoder still equals the model."""
+    model = hyena_tiny(max_len=64).eval()
+    ids = torch.randint(0, model.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids)
+    gpu_like = SegmentCompiler(inductor=True, gemv_rows=1, gemv_triton_rows=8)
+    monkeypatch.setattr(SegmentCompiler, "for_device", classmethod(lambda cls, device, settings=None: gpu_like))
+    lcsm_compile.counters.clear()
+    dec = lcsm_compile.decoder(model, ids[:, :5], max_len=64, inner_backend="inductor")
+    assert lcsm_compile.counters["decode"]["gemv_kernels"] > 0
+    assert lcsm_compile.counters["decode"]["gemv_reductions"] == 0  # no one-row product at B = 3
+    got = torch.cat([dec.prefill(ids[:, :5])] + [dec.step(ids[:, t : t + 1]) for t in range(5, 40)], 1)
+    assert ((got - ref[:, 4:]).norm() / ref[:, 4:].norm()).item() <= 1e-5
+
+
 def test_gemv_triton_rows_option():
     assert Settings().decode_gemv_triton_rows == 8
     for bad in (-1, 9, 2.0):
