@@ -86,7 +86,7 @@ def prefix_error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 def _impulse(mx: Mixer, consts: dict, shape: list[int], dtype, device) -> torch.Tensor:
     """verify's impulse response at this shape, with the filter values given (canonical (C, L))."""
     h, _ = impulse_response(functools.partial(mx.fn.apply, constants=consts), shape, mx.axis, dtype, device,
-                            offset_free=mx.offset_free)
+                            offset=0.0 if mx.offset_free else None)
     if tuple(h.shape) != tuple(shape):
         raise ValueError(f"output shape {tuple(h.shape)} differs from the input's {tuple(shape)}")
     return canonical_row(h, mx.axis, mx.bcast_dims, mx.chan_dims)

@@ -199,15 +199,16 @@ def _device(cg: CapturedGraph) -> torch.device:
     return torch.device("cpu")
 
 
-def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0, offset_free: bool = False,
-                     offset: Tensor | None = None):
-    """(f(delta at `at`) - f(0), f(0)); with `offset_free` (f(0) known to be exactly 0), f(0) is
-    not evaluated and comes back as None: one run of the region instead of two; an `offset`
-    already evaluated at this shape is used instead of a second run of f(0)."""
+def impulse_response(fn: RegionFunction, shape, axis, dtype, device, at: int = 0,
+                     offset: Tensor | float | None = None):
+    """(f(delta at `at`) - f(0), f(0)). `offset`: f(0) where it is already known, as a tensor
+    evaluated at this shape or as 0.0 where the region maps zeros to exactly zero (Mixer.offset_free),
+    so the region runs once instead of twice."""
     d = torch.zeros(shape, dtype=dtype, device=device)
-    c = None if offset_free else (offset if offset is not None else fn(d))
+    c = fn(d) if offset is None else offset
     d.select(axis, at).fill_(1)
-    return (fn(d), c) if offset_free else (fn(d) - c, c)
+    y = fn(d)
+    return (y if isinstance(c, float) and c == 0.0 else y - c), c
 
 
 def verify_region(cg: CapturedGraph, region: Region, settings: Settings) -> Mixer:
