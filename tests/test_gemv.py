@@ -36,6 +36,16 @@ def test_gemv_fp16_accumulates_in_fp32():
     assert _rel(y, gemv_reference(x, W.t())) <= 2e-3  # fp16 output rounding only
 
 
+def test_gemv_fp64_accumulates_in_fp64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 500, generator=g, dtype=torch.float64).to(DEV)
+    W = torch.randn(40, 500, generator=g, dtype=torch.float64).to(DEV)
+    b = torch.randn(40, generator=g, dtype=torch.float64).to(DEV)
+    y = gemv(x, W.t(), b)
+    assert y.dtype == torch.float64
+    assert _rel(y, gemv_reference(x, W.t(), b)) <= 1e-13  # fp32 accumulation would be ~1e-7
+
+
 def test_gemv_bad_input():
     x, w = torch.randn(9, 4), torch.randn(4, 3)
     with pytest.raises(ValueError, match="rows"):

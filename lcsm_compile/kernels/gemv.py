@@ -1,6 +1,6 @@
 """Matrix-vector products for decode steps: y = x @ w (+ b) with a few rows of x, in Triton.
 
-    y[m, n] = sum_k x[m, k] w[k, n] (+ b[n])        M <= 8 rows, fp32 accumulation
+    y[m, n] = sum_k x[m, k] w[k, n] (+ b[n])        M <= 8 rows, fp32 accumulation (fp64 for fp64)
 
 At one position per sequence every projection of a decode step is bound by reading its weight
 once, and a step is a chain of such products, each waiting for the last. A program owns ROWS
@@ -50,10 +50,10 @@ def pdl_supported(device: torch.device) -> bool:
 
 @triton.jit
 def _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w, M, BLOCK_M: tl.constexpr):
-    # acc[m, :] += w @ x[m, o_k] for every row m of x; w is (ROWS, BLOCK_K) in fp32
+    # acc[m, :] += w @ x[m, o_k] for every row m of x; w is (ROWS, BLOCK_K) in acc's dtype
     o_m = tl.arange(0, BLOCK_M)
     for m in tl.static_range(BLOCK_M):
-        x_m = tl.load(x_ptr + m * sxm + o_k * sxk, mask=m_k & (o_k * 0 + m < M), other=0.0).to(tl.float32)
+        x_m = tl.load(x_ptr + m * sxm + o_k * sxk, mask=m_k & (o_k * 0 + m < M), other=0.0).to(acc.dtype)
         part = tl.sum(w * x_m[None, :], axis=1)
         acc = tl.where(o_m[:, None] == m, acc + part[None, :], acc)
     return acc
@@ -65,8 +65,9 @@ def _gemv_kernel(
     M, N, K,
     sxm, sxk, swk, swn, sym, syn,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    USE_GDC: tl.constexpr, FP64: tl.constexpr,
 ):
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     o_n = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     m_n = o_n < N
     o_k = tl.arange(0, BLOCK_K)
@@ -76,15 +77,15 @@ def _gemv_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
-    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w.to(tl.float32), M, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, ROWS), dtype=ACC)
+    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w.to(ACC), M, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # only where a row does not fit one tile
         o_kk = k0 + o_k
         m_kk = o_kk < K
         w = tl.load(w_ptr + o_n[:, None] * swn + o_kk[None, :] * swk, mask=m_n[:, None] & m_kk[None, :], other=0.0)
-        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_kk, m_kk, w.to(tl.float32), M, BLOCK_M)
+        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_kk, m_kk, w.to(ACC), M, BLOCK_M)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(ACC)[None, :]
     o_m = tl.arange(0, BLOCK_M)
     tl.store(y_ptr + o_m[:, None] * sym + o_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=(o_m < M)[:, None] & m_n[None, :])
@@ -131,7 +132,7 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int,
         x, w, bias if bias is not None else x, y, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, ROWS=rows, BLOCK_K=block_k, USE_GDC=pdl,
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+        FP64=x.dtype == torch.float64, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
