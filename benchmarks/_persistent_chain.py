@@ -41,11 +41,11 @@ def _persistent_chain_kernel(w_ptr, meta_ptr, vec_ptr, ctr_ptr, P, NMAX,
     w = _tile(w_ptr, tl.load(meta_ptr), tl.load(meta_ptr + 1), tl.load(meta_ptr + 2), pid * ROWS, ROWS, BK)
     for p in range(P):
         off = tl.load(meta_ptr + 3 * p)
-        N = tl.load(meta_ptr + 3 * p + 1)
-        K = tl.load(meta_ptr + 3 * p + 2)
+        N = tl.load(meta_ptr + 3 * p + 1).to(tl.int32)
+        K = tl.load(meta_ptr + 3 * p + 2).to(tl.int32)
         if p > 0:  # grid barrier: every program has written its rows of product p - 1
             seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
-            spins = 0
+            spins = pid * 0  # an int32 tensor, as the loop carries it
             # bounded: should the programs not all be resident, the chain comes out wrong (and
             # decode_chain.py's check says so) instead of hanging the device
             while (seen < p * G) & (spins < MAX_SPINS):
