@@ -22,6 +22,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _meta(meta_ptr, p):
+    # (offset, N, K) of product p. They come from memory, so the compiler cannot know what an int
+    # argument's divisibility would tell it: vector loads need the hint, given where the values
+    # are loaded (on a function's arguments it was lost: Triton 3.9, sm90 PTX had scalar loads);
+    # persistent_chain checks that it holds
+    off = tl.multiple_of(tl.load(meta_ptr + 3 * p), 8)
+    N = tl.load(meta_ptr + 3 * p + 1).to(tl.int32)
+    K = tl.multiple_of(tl.load(meta_ptr + 3 * p + 2).to(tl.int32), 8)
+    return off, N, K
+
+
+@triton.jit
 def _tile(w_ptr, off, N, K, first, ROWS: tl.constexpr, BK: tl.constexpr):
     # weight rows first .. first + ROWS of a row-major (N, K) weight at w_ptr + off, K padded to BK
     o_n = first + tl.arange(0, ROWS)
@@ -38,11 +50,10 @@ def _persistent_chain_kernel(w_ptr, meta_ptr, vec_ptr, ctr_ptr, P, NMAX,
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     o_k = tl.arange(0, BK)
-    w = _tile(w_ptr, tl.load(meta_ptr), tl.load(meta_ptr + 1), tl.load(meta_ptr + 2), pid * ROWS, ROWS, BK)
+    off, N, K = _meta(meta_ptr, 0)
+    w = _tile(w_ptr, off, N, K, pid * ROWS, ROWS, BK)
     for p in range(P):
-        off = tl.load(meta_ptr + 3 * p)
-        N = tl.load(meta_ptr + 3 * p + 1).to(tl.int32)
-        K = tl.load(meta_ptr + 3 * p + 2).to(tl.int32)
+        off, N, K = _meta(meta_ptr, p)
         if p > 0:  # grid barrier: every program has written its rows of product p - 1
             seen = tl.atomic_add(ctr_ptr, 0, sem="acquire", scope="gpu")
             spins = pid * 0  # an int32 tensor, as the loop carries it
@@ -64,9 +75,8 @@ def _persistent_chain_kernel(w_ptr, meta_ptr, vec_ptr, ctr_ptr, P, NMAX,
             o_n = first + tl.arange(0, ROWS)
             tl.store(dst + o_n, tl.sum(t * x[None, :], axis=1), mask=o_n < N)
         if p + 1 < P:  # the next product's first tile, issued before this program's arrival
-            q = 3 * (p + 1)
-            w = _tile(w_ptr, tl.load(meta_ptr + q), tl.load(meta_ptr + q + 1), tl.load(meta_ptr + q + 2),
-                      pid * ROWS, ROWS, BK)
+            off1, N1, K1 = _meta(meta_ptr, p + 1)
+            w = _tile(w_ptr, off1, N1, K1, pid * ROWS, ROWS, BK)
         tl.atomic_add(ctr_ptr, 1, sem="release", scope="gpu")
 
 
@@ -79,6 +89,8 @@ def persistent_chain(x: torch.Tensor, ws: list[torch.Tensor], programs: int, row
     for w in ws:
         offs.append((o, w.shape[0], w.shape[1]))
         o += w.numel()
+    if any(v % 8 for o, _, k in offs for v in (o, k)):
+        raise ValueError("persistent_chain: weight offsets and K must be multiples of 8 (the kernel's load hint)")
     meta = torch.tensor(offs, dtype=torch.int64, device=dev)
     nmax = max(max(w.shape[0] for w in ws), x.numel())
     vec = torch.zeros(2, nmax, device=dev)
