@@ -29,8 +29,8 @@ from torch import Tensor
 __all__ = ["gemv", "gemv_blocks", "gemv_op", "gemv_reference", "MAX_ROWS", "pdl_supported"]
 
 MAX_ROWS = 8
-_TILE = 16384  # weight elements a program holds in registers (ROWS x BLOCK_K): 64 fp32 a thread at 8 warps
-_SMS = 132     # H100 / H200
+_PER_THREAD = 64  # weight elements a thread holds (a tile is ROWS x BLOCK_K over 32 x warps threads)
+_SMS = 132  # H100 / H200
 
 
 def gemv_reference(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -97,7 +97,8 @@ def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, i
     rows of x: 4 warps and at most 4 rows, down to 4 programs per SM (H200, M = 8,
     decode_gemv_h200_m8.json: the sweep's best was 4 rows for in_proj, 2 for fc1, 1 for fc2 and
     out_proj, all at 4 warps, which is what this picks; the first choice, up to 16 rows at 8
-    warps, was 1.1-1.7x slower). Whole weight rows in one tile while ROWS x K fits _TILE. The
+    warps, was 1.1-1.7x slower). Whole weight rows in one tile while it leaves each thread at most
+    _PER_THREAD weight elements (wider rows loop over K: 4096 x 11008 at 4 rows, 4 warps). The
     interpreter runs programs one by one: few, large ones."""
     block_m = triton.next_power_of_2(max(M, 1))
     k = triton.next_power_of_2(max(K, 1))
@@ -105,9 +106,10 @@ def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, i
         return block_m, min(triton.next_power_of_2(N), 64), min(k, 1024), 4
     most, programs, warps = (16, _SMS, 8) if M == 1 else (4, 4 * _SMS, 4)
     rows = 1
-    while rows < most and N // (rows * 2) >= programs and rows * 2 * min(k, 1024) <= _TILE:
+    tile = _PER_THREAD * 32 * warps
+    while rows < most and N // (rows * 2) >= programs and rows * 2 * min(k, 1024) <= tile:
         rows *= 2
-    return block_m, rows, min(k, _TILE // rows), warps
+    return block_m, rows, min(k, tile // rows), warps
 
 
 def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
