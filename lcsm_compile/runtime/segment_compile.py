@@ -60,7 +60,9 @@ class SegmentCompiler:
         if self.pdl:
             options["triton.enable_pdl"] = True
         if self.persistent_k:
-            options["fx_graph_cache"] = False  # its key does not see the choices hook below
+            # its key does not see the choices hook below (today the cache bypasses these compiles
+            # anyway: 'No shape env', the segments being make_fx graphs; a guard should that change)
+            options["fx_graph_cache"] = False
         return options
 
     def __call__(self, gm: fx.GraphModule, examples: list) -> Callable:
