@@ -64,9 +64,8 @@ class Settings:
     # Decode-step row reductions (the GEMVs) over up to this many elements are persistent, one block
     # holding all of K (0: inductor's own limit, 1024), where inductor would loop over K. H200,
     # Hyena-153M fp32, step_profile.py, 2026-12-01, same run: 578.8 -> 513.2 us/token (floor graph
-    # 526 -> 465); fc2 (K = 1728) 9.8 -> 4.7 us. Inductor's FX-graph cache key would not see the
-    # choice, so it is off for these compiles; it bypasses them anyway ('No shape env': segments
-    # are traced by make_fx and compiled directly; torch 2.13), so every decoder build compiles.
+    # 526 -> 465); fc2 (K = 1728) 9.8 -> 4.7 us. The choice enters inductor's FX-graph cache key
+    # through a no-op custom pass (runtime/segment_compile.py).
     decode_persistent_k: int = 2048
     # Decode steps: a layer norm whose output only feeds GEMV reductions is recomputed inside each
     # of them (passes/decode_norm.py), saving its own kernel (two per Hyena-153M layer). H200,

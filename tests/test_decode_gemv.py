@@ -215,6 +215,27 @@ def test_persistent_choices_widen_only_static_row_reductions(monkeypatch):
     assert len(base_called) == 5
     s = Settings.from_options({"decode_persistent_k": 4096})
     assert SegmentCompiler.for_device(torch.device("cpu"), s).persistent_k == 0  # CPU: no Triton reductions
-    assert SegmentCompiler(persistent_k=4096).inductor_options(reductions=0) == {"fx_graph_cache": False}
+    key = SegmentCompiler(persistent_k=4096).inductor_options(reductions=0)["post_grad_custom_post_pass"]
+    assert key.uuid() == "lcsm.persistent_k=4096"
+    with inductor_config.patch({"post_grad_custom_post_pass": key}):  # a pass set already: no cache
+        assert SegmentCompiler(persistent_k=4096).inductor_options(reductions=0) == {"fx_graph_cache": False}
     with pytest.raises(ValueError, match="decode_persistent_k"):
         Settings.from_options({"decode_persistent_k": -1})
+
+
+def test_segments_come_from_the_fx_graph_cache_keyed_by_persistent_k():
+    """A segment compiled again comes from inductor's FX-graph cache (it bypassed every segment
+    before the compiles got a shape environment); another persistent-K choice is a new entry."""
+    from torch._dynamo.utils import counters as dynamo_counters
+    from torch._inductor.utils import fresh_cache
+
+    gm, args = _graph(1, torch.float32, 0)
+    want = gm(*args)
+    with fresh_cache():
+        dynamo_counters.clear()
+        for k in (2048, 2048, 1024, 0, 0):
+            out = SegmentCompiler(inductor=True, persistent_k=k)(gm, args)(*args)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            assert ((out - want).norm() / want.norm()).item() <= 1e-6
+        assert dynamo_counters["inductor"]["fxgraph_cache_hit"] == 2
+        assert dynamo_counters["inductor"]["fxgraph_cache_miss"] == 3

@@ -60,9 +60,15 @@ class SegmentCompiler:
         if self.pdl:
             options["triton.enable_pdl"] = True
         if self.persistent_k:
-            # its key does not see the choices hook below (today the cache bypasses these compiles
-            # anyway: 'No shape env', the segments being make_fx graphs; a guard should that change)
-            options["fx_graph_cache"] = False
+            # inductor's FX-graph cache key does not see the choices hook (__call__), but it does
+            # see a custom pass's uuid: a no-op pass naming the choice keys the cache by it. Where
+            # a pass is set there already, the cache is bypassed instead.
+            from torch._inductor import config  # noqa: PLC0415
+
+            if config.post_grad_custom_post_pass is None:
+                options["post_grad_custom_post_pass"] = _choice_key(f"lcsm.persistent_k={self.persistent_k}")
+            else:
+                options["fx_graph_cache"] = False
         return options
 
     def __call__(self, gm: fx.GraphModule, examples: list) -> Callable:
@@ -83,7 +89,36 @@ class SegmentCompiler:
                 from torch._inductor.virtualized import V  # noqa: PLC0415
 
                 stack.enter_context(V.set_choices_handler(persistent_choices(self.persistent_k)))
+            stack.enter_context(_static_shape_context())
             return compile_fx(gm, examples)
+
+
+def _static_shape_context():
+    """A tracing context with a shape environment (all shapes static) for compile_fx: without
+    one, inductor's FX-graph cache bypasses the compile ('No shape env'), and every decoder build
+    compiled every segment again (CPU, hyena_tiny: 24 s, and as long the second time). Weights
+    are graph constants, which the cache key describes by shape and dtype and a hit binds from
+    the graph at hand, so models of one architecture share entries (tested with other weights)."""
+    from torch._guards import TracingContext, tracing  # noqa: PLC0415
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: PLC0415
+
+    return tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv())))
+
+
+def _choice_key(name: str):
+    """A post-grad pass that does nothing and whose uuid is `name`: a choice made outside
+    inductor's config, made part of its FX-graph cache key."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: PLC0415
+
+    class ChoiceKey(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return name
+
+    return ChoiceKey()
 
 
 def persistent_choices(max_k: int):
