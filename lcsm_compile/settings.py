@@ -45,7 +45,7 @@ class Settings:
     decode_gemv_rows: int = 1
     # What those products become: "reduction" (inductor's, tuned, the layer norms inside) or
     # "triton" (kernels/gemv.py, one extern call each; H200, Hyena-153M fp32, B = 1: 531.2
-    # us/token in step_profile.py vs 456.6-492 with the reductions, other machine starts).
+    # us/token in step_profile.py vs 456.6 with the reductions, another machine start).
     decode_gemv_kernel: str = "reduction"
     # Decode steps (CUDA): products with more rows than decode_gemv_rows and at most this many
     # (<= 8; with decode_gemv_rows = 0, one-row products too) become lcsm::gemv calls
