@@ -67,7 +67,6 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_GDC: tl.constexpr, FP64: tl.constexpr,
 ):
-    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     o_n = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     m_n = o_n < N
     o_k = tl.arange(0, BLOCK_K)
@@ -77,15 +76,18 @@ def _gemv_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK_M, ROWS), dtype=ACC)
-    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w.to(ACC), M, BLOCK_M)
+    if FP64:
+        acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w.to(acc.dtype), M, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # only where a row does not fit one tile
         o_kk = k0 + o_k
         m_kk = o_kk < K
         w = tl.load(w_ptr + o_n[:, None] * swn + o_kk[None, :] * swk, mask=m_n[:, None] & m_kk[None, :], other=0.0)
-        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_kk, m_kk, w.to(ACC), M, BLOCK_M)
+        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_kk, m_kk, w.to(acc.dtype), M, BLOCK_M)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(ACC)[None, :]
+        acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(acc.dtype)[None, :]
     o_m = tl.arange(0, BLOCK_M)
     tl.store(y_ptr + o_m[:, None] * sym + o_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=(o_m < M)[:, None] & m_n[None, :])
