@@ -51,6 +51,8 @@ from _common import CUDA, DEV, log, rel  # noqa: E402
 from _online_conv_cases import graph_time  # noqa: E402
 from _persistent_chain import persistent_chain  # noqa: E402
 
+from lcsm_compile.kernels.gemv import pdl_supported  # noqa: E402
+
 # (name, K, N, K of the vector it reads): out_proj reads the first 864 of in_proj's 2592 outputs
 LAYER = [("in_proj", 864, 2592), ("out_proj", 864, 864), ("fc1", 864, 1728), ("fc2", 1728, 864)]
 SMOKE_LAYER = [("in_proj", 24, 72), ("out_proj", 24, 24), ("fc1", 24, 48), ("fc2", 48, 24)]
@@ -182,7 +184,7 @@ def main() -> None:
     ref = chain_reference(x, ws, shapes)
     weight_bytes = sum(w.numel() * w.element_size() for w in ws)
     variants = {"stream": triton_chain(x, ws, args.smoke, pdl=False)}
-    pdl = CUDA and torch.cuda.get_device_capability()[0] >= 9
+    pdl = pdl_supported(torch.device(DEV))
     if pdl:
         variants["stream+pdl"] = triton_chain(x, ws, args.smoke, pdl=True)
         for scale, warps in SWEEP[1:]:

@@ -69,6 +69,17 @@ def graph_us(run, copies: int) -> float:
     return float(triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")) * 1e3 / copies
 
 
+def sweep(method_for, configs, Ws, bs, copies) -> tuple[list, float, list]:
+    """Each config's time (method_for(config) is a method like bench_shape's), the best time and
+    its config."""
+    times = []
+    for c in configs:
+        fn = method_for(c)
+        times.append([list(c), graph_us(lambda fn=fn: [fn(W, b) for W, b in zip(Ws, bs)], copies)])
+    best = min(times, key=lambda ct: ct[1])
+    return times, best[1], best[0]
+
+
 def bench_shape(name, K, N, M, dtype) -> dict:
     g = torch.Generator(device="cuda").manual_seed(K * N + M)
     nbytes = K * N * torch.finfo(dtype).bits // 8
@@ -86,6 +97,8 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         # launched with PDL, each product's weight read overlaps the previous one's tail
         "triton_pdl": lambda W, b: gemv(x, W.t(), b, pdl=True),
     }
+    if 1 < M <= 16:  # the tl.dot candidate (_gemv_dot.py)
+        methods["dot"] = lambda W, b: gemv_dot(x, W.t(), b)
     for S in SPLITS:
         fn = inductor_reduction(x, Ws[0].t(), bs[0], splits=S)
         methods[f"split{S}"] = lambda W, b, fn=fn: fn(x, W.t(), b)
@@ -99,27 +112,11 @@ def bench_shape(name, K, N, M, dtype) -> dict:
             log(f"  {name} {row['dtype']} M={M}: {key} rel err {err:.1e} > {tol}: not timed")
             continue
         row[f"{key}_us"] = graph_us(lambda fn=fn: [fn(W, b) for W, b in zip(Ws, bs)], copies)
-    best, row["sweep"] = None, []
-    for rows, bk, w in SWEEP:
-        blocks = (row["blocks"][0], rows, bk, w)
-        t = graph_us(lambda blocks=blocks: [gemv(x, W.t(), b, blocks=blocks) for W, b in zip(Ws, bs)], copies)
-        row["sweep"].append([list(blocks), t])
-        if best is None or t < best[0]:
-            best = (t, blocks)
-    row["triton_best_us"], row["triton_best_blocks"] = best[0], list(best[1])
-    if 1 < M <= 16:  # the tl.dot candidate, checked first like the others
-        err = rel(gemv_dot(x, Ws[0].t(), bs[0]), want)
-        row["dot_rel_err"], row["dot_sweep"], best = err, [], None
-        if err <= tol:
-            row["dot_us"] = graph_us(lambda: [gemv_dot(x, W.t(), b) for W, b in zip(Ws, bs)], copies)
-            for rows, bk, w in DOT_SWEEP:
-                t = graph_us(lambda rows=rows, bk=bk, w=w: [gemv_dot(x, W.t(), b, rows, bk, w) for W, b in zip(Ws, bs)],
-                             copies)
-                row["dot_sweep"].append([[rows, bk, w], t])
-                best = min(best or (t, [rows, bk, w]), (t, [rows, bk, w]))
-            row["dot_best_us"], row["dot_best_blocks"] = best
-        else:
-            log(f"  {name} {row['dtype']} M={M}: dot rel err {err:.1e} > {tol}: not timed")
+    row["sweep"], row["triton_best_us"], row["triton_best_blocks"] = sweep(
+        lambda c: lambda W, b: gemv(x, W.t(), b, blocks=c), [(row["blocks"][0], *c) for c in SWEEP], Ws, bs, copies)
+    if row.get("dot_us"):
+        row["dot_sweep"], row["dot_best_us"], row["dot_best_blocks"] = sweep(
+            lambda c: lambda W, b: gemv_dot(x, W.t(), b, *c), DOT_SWEEP, Ws, bs, copies)
     for key in TIMED:
         t = row.get(f"{key}_us")
         row[f"{key}_tbps"] = nbytes / (t * 1e-6) / 1e12 if t else None

@@ -49,14 +49,21 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 @triton.jit
-def _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w, M, BLOCK_M: tl.constexpr):
+def _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, K, w, M, BLOCK_M: tl.constexpr):
     # acc[m, :] += w @ x[m, o_k] for every row m of x; w is (ROWS, BLOCK_K) in acc's dtype
     o_m = tl.arange(0, BLOCK_M)
+    m_k = o_k < K
     for m in tl.static_range(BLOCK_M):
         x_m = tl.load(x_ptr + m * sxm + o_k * sxk, mask=m_k & (o_k * 0 + m < M), other=0.0).to(acc.dtype)
         part = tl.sum(w * x_m[None, :], axis=1)
         acc = tl.where(o_m[:, None] == m, acc + part[None, :], acc)
     return acc
+
+
+@triton.jit
+def _weight_tile(w_ptr, o_n, m_n, o_k, K, swn, swk):
+    # rows o_n of the (N, K)-indexed weight, columns o_k, zeros outside
+    return tl.load(w_ptr + o_n[:, None] * swn + o_k[None, :] * swk, mask=m_n[:, None] & (o_k < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -70,9 +77,8 @@ def _gemv_kernel(
     o_n = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     m_n = o_n < N
     o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < K
     # the weight is no output of earlier kernels: its first tile is read before the wait
-    w = tl.load(w_ptr + o_n[:, None] * swn + o_k[None, :] * swk, mask=m_n[:, None] & m_k[None, :], other=0.0)
+    w = _weight_tile(w_ptr, o_n, m_n, o_k, K, swn, swk)
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -80,12 +86,10 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
-    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, m_k, w.to(acc.dtype), M, BLOCK_M)
+    acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_k, K, w.to(acc.dtype), M, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # only where a row does not fit one tile
-        o_kk = k0 + o_k
-        m_kk = o_kk < K
-        w = tl.load(w_ptr + o_n[:, None] * swn + o_kk[None, :] * swk, mask=m_n[:, None] & m_kk[None, :], other=0.0)
-        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, o_kk, m_kk, w.to(acc.dtype), M, BLOCK_M)
+        w = _weight_tile(w_ptr, o_n, m_n, k0 + o_k, K, swn, swk)
+        acc = _rows_times_tile(acc, x_ptr, sxm, sxk, k0 + o_k, K, w.to(acc.dtype), M, BLOCK_M)
     if HAS_BIAS:
         acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(acc.dtype)[None, :]
     o_m = tl.arange(0, BLOCK_M)
@@ -93,6 +97,7 @@ def _gemv_kernel(
              mask=(o_m < M)[:, None] & m_n[None, :])
 
 
+@functools.cache  # a pure function of the shape, asked on every eager launch
 def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, ROWS, BLOCK_K, num_warps). On a GPU, one row of x: up to 16 weight rows a
     program at 8 warps while there is a program per SM (132), as decode_chain.py measured; several
