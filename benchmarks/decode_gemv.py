@@ -1,7 +1,8 @@
 """Decode-step matrix-vector products on Hyena-153M's shapes: cuBLAS vs inductor's fused reduction
 (what passes/decode_gemv.py emits today) vs the Triton GEMV (kernels/gemv.py), the reduction
-split along K in 2 and 4 (the pass's decode_gemv_splits option, an experiment) and, at 2-16 rows,
-a tl.dot form of the Triton GEMV (benchmarks/_gemv_dot.py, a candidate).
+split along K in 2 and 4 (the pass's decode_gemv_splits option, an experiment). A tl.dot form
+(exact fp32, M padded to 16) was 3.3-7.2x slower than the Triton GEMV at M = 8 on the H200
+(2026-12-01, decode_gemv_h200_m8_warps_dot.json) and was removed.
 
     python benchmarks/decode_gemv.py [--rows 1 8] [--dtypes float32 bfloat16] [--shapes in_proj fc2]
 
@@ -24,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import CUDA, log, rel  # noqa: E402
-from _gemv_dot import gemv_dot  # noqa: E402
 
 from lcsm_compile.kernels.gemv import gemv, gemv_blocks, gemv_reference  # noqa: E402
 from lcsm_compile.passes.decode_gemv import COMPILE_OPTIONS, decompose_gemv  # noqa: E402
@@ -35,13 +35,10 @@ SHAPES = [("in_proj", 864, 2592), ("fc1", 864, 1728), ("fc2", 1728, 864), ("out_
 L2_BYTES = 60 << 20  # H100 50 MB, H200 60 MB of L2: the copies of a weight exceed it
 # Triton compiles once per (blocks, dtype, rows) and reuses it across shapes: the sweep stays cheap.
 SPLITS = (2, 4)  # split-K variants of the inductor reduction (K = 864 and 1728 divide by both)
-TIMED = ("cublas", "inductor", "triton", "triton_pdl", "triton_best", "dot", "dot_best",
-         *(f"split{S}" for S in SPLITS))
-# the tl.dot candidate (_gemv_dot.py) for 2-16 rows: (rows a program, BLOCK_K, warps)
-DOT_SWEEP = [(r, bk, 4) for r in (16, 32) for bk in (64, 128, 256)]
+TIMED = ("cublas", "inductor", "triton", "triton_pdl", "triton_best", *(f"split{S}" for S in SPLITS))
 # (rows a program, BLOCK_K, warps) of the Triton kernel; a tile holds at most 16384 weight
 # elements and at most 128 a thread. Fewer warps mean fewer cross-warp steps in the per-row
-# reductions (4 beat 8 at every M = 8 shape on the H200, 2026-12-01; 1 and 2 not yet tried).
+# reductions (at M = 8 on the H200, 2026-12-01: 1 warp best at every shape, 4 beat 8).
 SWEEP = [(r, bk, w) for r in (1, 2, 4, 8, 16) for bk in (1024, 2048) for w in (1, 2, 4, 8)
          if r * bk <= 16384 and r * bk <= 128 * 32 * w]
 
@@ -97,13 +94,11 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         # launched with PDL, each product's weight read overlaps the previous one's tail
         "triton_pdl": lambda W, b: gemv(x, W.t(), b, pdl=True),
     }
-    if 1 < M <= 16:  # the tl.dot candidate (_gemv_dot.py)
-        methods["dot"] = lambda W, b: gemv_dot(x, W.t(), b)
     for S in SPLITS:
         fn = inductor_reduction(x, Ws[0].t(), bs[0], splits=S)
         methods[f"split{S}"] = lambda W, b, fn=fn: fn(x, W.t(), b)
     row = {"name": name, "K": K, "N": N, "M": M, "dtype": str(dtype).removeprefix("torch."),
-           "weight_mb": nbytes / 2**20, "copies": copies, "blocks": list(gemv_blocks(M, N, K))}
+           "weight_mb": nbytes / 2**20, "copies": copies, "blocks": list(gemv_blocks(M, N, K, itemsize=x.element_size()))}
     for key, fn in methods.items():
         err = rel(fn(Ws[0], bs[0]), want)
         row[f"{key}_rel_err"] = err
@@ -114,9 +109,6 @@ def bench_shape(name, K, N, M, dtype) -> dict:
         row[f"{key}_us"] = graph_us(lambda fn=fn: [fn(W, b) for W, b in zip(Ws, bs)], copies)
     row["sweep"], row["triton_best_us"], row["triton_best_blocks"] = sweep(
         lambda c: lambda W, b: gemv(x, W.t(), b, blocks=c), [(row["blocks"][0], *c) for c in SWEEP], Ws, bs, copies)
-    if row.get("dot_us"):
-        row["dot_sweep"], row["dot_best_us"], row["dot_best_blocks"] = sweep(
-            lambda c: lambda W, b: gemv_dot(x, W.t(), b, *c), DOT_SWEEP, Ws, bs, copies)
     for key in TIMED:
         t = row.get(f"{key}_us")
         row[f"{key}_tbps"] = nbytes / (t * 1e-6) / 1e12 if t else None
@@ -128,14 +120,13 @@ def bench_shape(name, K, N, M, dtype) -> dict:
 def table(report: dict) -> str:
     lines = [f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {report['date']}",
              f"{'shape':9s} {'dtype':8s} {'M':>2s} {'MB':>6s} | {'cuBLAS':>7s} {'inductor':>8s} {'triton':>7s} {'pdl':>7s} "
-             f"{'best':>7s} {'dot':>7s} {'dotbest':>7s} " + " ".join(f"{'split' + str(S):>7s}" for S in SPLITS)
+             f"{'best':>7s} " + " ".join(f"{'split' + str(S):>7s}" for S in SPLITS)
              + f" us | {'TB/s best':>9s} | best blocks"]
     for r in report["rows"]:
         f = lambda v: f"{v:7.2f}" if v else "      -"  # noqa: E731
         tb = r.get("triton_best_tbps")
         lines.append(f"{r['name']:9s} {r['dtype']:8s} {r['M']:>2d} {r['weight_mb']:6.1f} | {f(r['cublas_us'])} "
                      f"{f(r['inductor_us']):>8s} {f(r['triton_us'])} {f(r.get('triton_pdl_us'))} {f(r['triton_best_us'])} "
-                     f"{f(r.get('dot_us'))} {f(r.get('dot_best_us'))} "
                      + " ".join(f(r.get(f"split{S}_us")) for S in SPLITS) + "    | "
                      f"{tb if tb is None else round(tb, 2)!s:>9s} | {r['triton_best_blocks']}")
     return "\n".join(lines)

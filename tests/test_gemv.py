@@ -57,16 +57,20 @@ def test_gemv_bad_input():
 
 
 def test_gpu_blocks_fill_the_machine():
-    # a program per SM (132) or more where the output allows it, at most 16 rows a program, and
-    # whole weight rows in one tile where ROWS x K fits the register budget
-    for M, most, programs in ((1, 16, 132), (3, 4, 528), (8, 4, 528)):
+    # a program per SM (132) or more where the output allows it, a power of two of rows, and whole
+    # weight rows in one tile where ROWS x K fits the register budget (values a thread holds)
+    for M, most, itemsize, per_thread in ((1, 16, 4, 64), (3, 8, 4, 128), (8, 8, 2, 128), (8, 8, 8, 64)):
         for N in (7, 864, 1728, 2592, 50264):
             for K in (864, 1728, 11008):
-                bm, rows, bk, warps = gemv_blocks(M, N, K)
+                bm, rows, bk, warps = gemv_blocks(M, N, K, itemsize=itemsize)
                 assert bm == triton.next_power_of_2(M) and 1 <= rows <= most and rows & (rows - 1) == 0
-                assert N // rows >= programs or rows == 1
-                assert rows * bk <= 64 * 32 * warps  # at most 64 weight elements a thread
-                assert bk >= K or rows * bk == 64 * 32 * warps
+                assert N // rows >= 132 or rows == 1
+                assert warps == (8 if M == 1 else 1)
+                assert rows * bk <= per_thread * 32 * warps
+                assert bk >= K or rows * bk == per_thread * 32 * warps
+    # the H200 sweep's picks at M = 8 (decode_gemv_h200_m8_warps_dot.json)
+    assert gemv_blocks(8, 2592, 864) == (8, 4, 1024, 1)
+    assert gemv_blocks(8, 864, 1728) == (8, 2, 2048, 1)
 
 
 @pytest.mark.parametrize("M, K, N, rows, block_k", [(3, 2500, 40, 8, 512), (8, 700, 33, 4, 256), (5, 64, 9, 16, 64)])

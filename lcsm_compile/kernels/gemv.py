@@ -29,7 +29,7 @@ from torch import Tensor
 __all__ = ["gemv", "gemv_blocks", "gemv_op", "gemv_reference", "MAX_ROWS", "pdl_supported"]
 
 MAX_ROWS = 8
-_PER_THREAD = 64  # weight elements a thread holds (a tile is ROWS x BLOCK_K over 32 x warps threads)
+_PER_THREAD = 64  # weight values a thread holds at one row of x (a tile is ROWS x BLOCK_K over 32 x warps threads)
 _SMS = 132  # H100 / H200
 
 
@@ -98,23 +98,27 @@ def _gemv_kernel(
 
 
 @functools.cache  # a pure function of the shape, asked on every eager launch
-def gemv_blocks(M: int, N: int, K: int, interpret: bool = False) -> tuple[int, int, int, int]:
+def gemv_blocks(M: int, N: int, K: int, interpret: bool = False, itemsize: int = 4) -> tuple[int, int, int, int]:
     """(BLOCK_M, ROWS, BLOCK_K, num_warps). On a GPU, one row of x: up to 16 weight rows a
-    program at 8 warps while there is a program per SM (132), as decode_chain.py measured; several
-    rows of x: 4 warps and at most 4 rows, down to 4 programs per SM (H200, M = 8,
-    decode_gemv_h200_m8.json: the sweep's best was 4 rows for in_proj, 2 for fc1, 1 for fc2 and
-    out_proj, all at 4 warps, which is what this picks; the first choice, up to 16 rows at 8
-    warps, was 1.1-1.7x slower). Whole weight rows in one tile while it leaves each thread at most
-    _PER_THREAD weight elements (wider rows loop over K: 4096 x 11008 at 4 rows, 4 warps). The
+    program at 8 warps while there is a program per SM (132), as decode_chain.py measured. Several
+    rows of x: one warp, whole rows while a thread holds at most 128 weight values (64 for fp64),
+    down to one program per SM. H200, M = 8 (decode_gemv_h200_m8_warps_dot.json): one warp was
+    the sweep's best at all four Hyena-153M shapes; against the earlier rule (4 warps, 64 values
+    a thread) these picks take in_proj 8.38 -> 7.06 µs (the sweep's best), fc1 7.07 -> 6.39 (best
+    5.97), fc2 6.94 -> 5.61 (best), out_proj 5.66 -> 5.70 (best 4.84: 2 rows with BLOCK_K 2048,
+    which was 1.4x off the best for in_proj, so no rule here). Wider rows loop over K. The
     interpreter runs programs one by one: few, large ones."""
     block_m = triton.next_power_of_2(max(M, 1))
     k = triton.next_power_of_2(max(K, 1))
     if interpret:
         return block_m, min(triton.next_power_of_2(N), 64), min(k, 1024), 4
-    most, programs, warps = (16, _SMS, 8) if M == 1 else (4, 4 * _SMS, 4)
+    if M == 1:
+        most, warps, per_thread = 16, 8, _PER_THREAD
+    else:
+        most, warps, per_thread = 8, 1, 2 * _PER_THREAD if itemsize <= 4 else _PER_THREAD
     rows = 1
-    tile = _PER_THREAD * 32 * warps
-    while rows < most and N // (rows * 2) >= programs and rows * 2 * min(k, 1024) <= tile:
+    tile = per_thread * 32 * warps
+    while rows < most and N // (rows * 2) >= _SMS and rows * 2 * min(k, tile) <= tile:
         rows *= 2
     return block_m, rows, min(k, tile // rows), warps
 
@@ -135,7 +139,7 @@ def gemv(x: Tensor, w: Tensor, bias: Tensor | None = None, *, blocks: tuple[int,
     if x.device != w.device or (bias is not None and bias.device != x.device):
         raise ValueError("gemv: x, w and bias must be on one device")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    block_m, rows, block_k, warps = blocks or gemv_blocks(M, N, K, interpret=not x.is_cuda)
+    block_m, rows, block_k, warps = blocks or gemv_blocks(M, N, K, not x.is_cuda, x.element_size())
     pdl = pdl and pdl_supported(x.device)
     _gemv_kernel[(triton.cdiv(N, rows),)](
         x, w, bias if bias is not None else x, y, M, N, K,
