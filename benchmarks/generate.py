@@ -50,6 +50,7 @@ from _generate_report import P, ours_total, plot, rescore, summarize, table  # n
 
 import lcsm_compile  # noqa: E402
 from lcsm_compile.runtime.decoder import Decoder  # noqa: E402
+from lcsm_compile.runtime.generate import _generate_fed  # noqa: E402
 from lcsm_compile.runtime.step_program import StepProgram  # noqa: E402
 from lcsm_compile.zoo import HyenaLM, hyena_153m, hyena_tiny  # noqa: E402
 
@@ -175,16 +176,29 @@ def level_costs(dec: Decoder, reps: int) -> dict:
 
 
 @torch.no_grad()
-def timed_run(dec: Decoder, B: int, W: int, vocab: int) -> tuple[float, float]:
-    """Seconds of a real greedy run of W tokens (its prompt's prefill included), and of the prefill."""
+def timed_run(dec: Decoder, B: int, W: int, vocab: int) -> tuple[float, float, float]:
+    """Seconds of a real greedy run of W tokens (its prompt's prefill included) with each token
+    through the host, the same with generate()'s feed (the choice inside the token graph), and
+    of the prefill alone. The two runs' tokens must agree."""
     ids = torch.randint(0, vocab, (B, P), device=DEV)
+    out = torch.empty(B, P + W, dtype=ids.dtype, device=DEV)
+    out[:, :P] = ids
+
+    def fed():
+        _generate_fed(dec, ids, out, W, None, None)
+        dec.reset()
+
     greedy_run(dec, ids, 2)  # capture (first step after a prefill)
     dec.reset()
     t = timed(lambda: greedy_run(dec, ids, W))
+    host = greedy_run(dec, ids, W)
     dec.reset()
+    t_fed = timed(fed)
+    if not torch.equal(out, host):
+        raise SystemExit(f"generate's feed and the host loop disagree on {int((out != host).sum())} tokens")
     t_prefill = timed(lambda: (dec.reset(), dec.prefill(ids)), reps=3)
     dec.reset()
-    return t, t_prefill
+    return t, t_fed, t_prefill
 
 
 @torch.no_grad()
@@ -231,11 +245,13 @@ def run_config(model, B, L, smoke, report, save):
     save()
     W = 64 if smoke else W_TOKENS
     reps = 3 if smoke else 30
-    t_run, t_prefill = timed_run(dec, B, W, model.vocab_size)
+    t_run, t_fed, t_prefill = timed_run(dec, B, W, model.vocab_size)
     res["ours_run"] = {"tokens": W, "s": t_run, "prefill_s": t_prefill, "us_per_token": t_run / W * 1e6,
-                       "us_per_token_after_prefill": (t_run - t_prefill) / W * 1e6}
+                       "us_per_token_after_prefill": (t_run - t_prefill) / W * 1e6,
+                       "fed_s": t_fed, "fed_us_per_token_after_prefill": (t_fed - t_prefill) / W * 1e6}
     log(f"  ours: real greedy run of {W} tokens: {t_run / W * 1e6:.1f} us/token, "
-        f"{(t_run - t_prefill) / W * 1e6:.1f} without its {t_prefill * 1e3:.1f} ms prefill")
+        f"{(t_run - t_prefill) / W * 1e6:.1f} without its {t_prefill * 1e3:.1f} ms prefill; "
+        f"generate()'s feed {(t_fed - t_prefill) / W * 1e6:.1f}")
     if dec._graphs is not None:
         costs = level_costs(dec, reps)
     else:

@@ -9,10 +9,14 @@ it from its own counter (OnlineConv.tile_level): one replay per token, no sync, 
 An engine whose step also depends on the level (GraphedLazyConv: the window it sums) has
 `capture_level(level)`, called before each level's token is run here.
 
+With a `feed` (Decoder._fed_step: generate's greedy tokens), the input buffers are the feed's and
+the graph ends with `feed(outputs)`, which writes the next position's inputs into them: a loop
+of replays then needs nothing from the host.
+
 Capture happens on the first step after a prefill (the engines must hold a prompt). Warm-up runs
 every graph's work twice at the scratch position max_len - 2 (kernel compiles, cuFFT plans), each
 time from that position again; the engines undo what they wrote there (their scratch_position),
-and the program's rings and `t` are saved and restored around it.
+and the program's rings and `t` (and a feed's buffers) are saved and restored around it.
 """
 from __future__ import annotations
 
@@ -29,12 +33,18 @@ __all__ = ["StepGraphs"]
 
 class StepGraphs:
     @as_captured  # the tiles are captured too, not only run_segments
-    def __init__(self, program: StepProgram):
+    def __init__(self, program: StepProgram, feed=None):
         self.program = p = program
         plan, dev = p.plan, p.device
         self.engines = p.engines
         self.inputs = [torch.zeros(shape_at(p.cg, x.meta["val"], 1), dtype=x.meta["val"].dtype, device=dev)
                        for x in plan.seq_inputs]
+        self.feed = feed
+        if feed is not None:
+            like = [(b.shape, b.dtype, b.device) for b in self.inputs]
+            if [(b.shape, b.dtype, b.device) for b in feed.inputs] != like:
+                raise ValueError("lcsm decoder: a feed's input buffers must match the step's inputs")
+            self.inputs = list(feed.inputs)
         last = {key[1] for key in plan.segments[-1].outputs if key[0] == "out"}
         self.outputs = {i: torch.empty(shape, dtype=dtype, device=dev)
                         for i, (shape, dtype) in p.out_shapes.items() if i in last}
@@ -53,6 +63,8 @@ class StepGraphs:
                 stack.callback(eng.capture_level, None)
             scratch = [eng.pos.clone() for eng in self.engines]
             saved_t, saved_rings = p.t.clone(), {k: r.clone() for k, r in p.rings.items()}
+            fed = list(feed.buffers) if feed is not None else []
+            saved_fed = [b.clone() for b in fed]
 
             def from_scratch() -> None:
                 for eng, pos in zip(self.engines, scratch):
@@ -80,6 +92,8 @@ class StepGraphs:
             p.t.copy_(saved_t)
             for k, r in p.rings.items():
                 r.copy_(saved_rings[k])
+            for b, saved in zip(fed, saved_fed):
+                b.copy_(saved)
 
     def _token(self, level: int | None) -> None:
         p = self.program
@@ -92,10 +106,13 @@ class StepGraphs:
             for eng in self.engines:
                 eng.run_tiles(level)
         p.t.add_(1)
+        if self.feed is not None:  # t is now the next input's position, as after StepProgram.step
+            self.feed(p.outputs_of(self.outputs))
 
-    def replay(self, seq_values: list[Tensor]) -> list:
-        """One token: the outputs (static buffers, overwritten by the next replay)."""
-        for buf, v in zip(self.inputs, seq_values):
+    def replay(self, seq_values: list[Tensor] | None) -> list:
+        """One token: the outputs (static buffers, overwritten by the next replay). None: the
+        inputs are already in place (a feed wrote them)."""
+        for buf, v in zip(self.inputs, seq_values or ()):
             buf.copy_(v)
         for eng in self.engines:
             eng._check_can_step(range(eng.M))

@@ -150,6 +150,7 @@ class Decoder:
                                    engine_factory=ENGINES[self.engine], like=like,
                                    compiler=SegmentCompiler.for_device(self.device, self.settings))
         self._graphs, self._prefilled = None, False
+        self._fed_graphs: dict = {}  # feed -> its token graphs (generate() keeps one feed per ids dtype and eos)
         self._use_graphs = (self.device.type == "cuda" and self.settings.cuda_graphs
                             and all(getattr(e, "backend", "") == "triton" for e in self.program.engines))
 
@@ -302,11 +303,7 @@ class Decoder:
     def _step(self, inputs) -> list:
         """step() without copies: the outputs may be the program's static buffers."""
         self._check(inputs, step=True)
-        if not self._prefilled:
-            raise RuntimeError("lcsm decoder: step() before prefill(); call prefill(prompt) first")
-        if self.position >= self.max_len:
-            raise RuntimeError(f"lcsm decoder: position {self.position} is past max_len={self.max_len}; "
-                               "build the decoder with a larger max_len")
+        self._check_can_step()
         counters["decode"]["step_positions"] += 1
         if self._use_graphs:
             if self._graphs is None:
@@ -315,6 +312,30 @@ class Decoder:
                 self._graphs = StepGraphs(self.program)
             return self._graphs.replay(self._seq(inputs))
         return self.program.step(self._seq(inputs))
+
+    def _fed_step(self, feed) -> None:
+        """A step whose inputs the previous one chose: the sequence inputs are `feed.inputs` (device
+        buffers), and `feed(outputs)` (device work only: in a CUDA graph it is captured into the
+        token's graph) writes the next position's inputs into them after each step. Nothing
+        returns to the host, so a loop of these needs no sync (generate's greedy tokens)."""
+        self._check_can_step()
+        counters["decode"]["fed_step_positions"] += 1
+        if not self._use_graphs:
+            feed(self.program.step(feed.inputs))
+            return
+        graphs = self._fed_graphs.get(feed)
+        if graphs is None:
+            from .cuda_graphs import StepGraphs  # noqa: PLC0415
+
+            graphs = self._fed_graphs[feed] = StepGraphs(self.program, feed=feed)
+        graphs.replay(None)
+
+    def _check_can_step(self) -> None:
+        if not self._prefilled:
+            raise RuntimeError("lcsm decoder: step() before prefill(); call prefill(prompt) first")
+        if self.position >= self.max_len:
+            raise RuntimeError(f"lcsm decoder: position {self.position} is past max_len={self.max_len}; "
+                               "build the decoder with a larger max_len")
 
     def __repr__(self) -> str:
         p = self.plan

@@ -6,8 +6,15 @@
 
 One prefill, then one step per token: O(L log^2 L) for the whole generation. Logits are read from
 a tensor, the first element of a tuple, or `.logits` / ["logits"] of an HF ModelOutput or dict;
-`logits_fn(output)` picks them otherwise. Tokens stay on the device: the only host syncs are the
-end-of-sequence test (when `eos_token_id` is given) and the progress bar's count (when asked).
+`logits_fn(output)` picks them otherwise. Tokens stay on the device. Greedy decoding of a model
+whose only sequence input is the ids runs as a feed (Decoder._fed_step): the token's choice, the
+end-of-sequence bookkeeping and the write of the next input are part of the step (on a GPU,
+inside its CUDA graph), and the host only replays; it asks whether every sequence has ended once
+every EOS_EVERY tokens (then trims what came after). Sampling, `logits_fn` and other inputs take
+a token back through the host each step (the end-of-sequence test syncs each token). H200,
+Hyena-153M to 4096: the feed issues a token in 70-85 µs of host time against 250-340 through
+the host, at the same wall time per token (the GPU is the bound; its argmax, ~12 µs, costs the
+same in the graph as out of it); what it removes is the per-token sync with `eos_token_id`.
 Decoders are cached per model (batch, dtype, device, options, max_len >= needed), and rebuilt
 when a weight changes in place (its version counter moves).
 """
@@ -24,9 +31,10 @@ from torch import Tensor
 from ..settings import Settings
 from .decoder import Decoder
 
-__all__ = ["generate", "sample_next", "logits_of"]
+__all__ = ["generate", "sample_next", "logits_of", "GreedyFeed"]
 
 _decoders: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
+EOS_EVERY = 16  # greedy feed: tokens between the host's "all ended?" checks (each one a sync)
 
 
 def logits_of(output: Any, logits_fn: Callable | None = None) -> Tensor:
@@ -86,6 +94,96 @@ def cached_decoder(model: torch.nn.Module, input_ids: Tensor, max_len: int, opti
     return dec
 
 
+class GreedyFeed:
+    """The greedy choice as device work after each step (Decoder._fed_step): argmax of the last
+    logits, held at EOS for sequences that have ended, written as the next input and into
+    `tokens` at the next position (the program's device counter `t`)."""
+
+    def __init__(self, dec: Decoder, dtype: torch.dtype, eos: Tensor | None):
+        B, dev = dec.batch, dec.device
+        self.key = self.key_of(dtype, eos)
+        self.t, self.structure, self.eos = dec.program.t, dec._structure, eos
+        self.inputs = [torch.zeros(B, 1, dtype=dtype, device=dev)]
+        self.tokens = torch.zeros(B, dec.max_len + 1, dtype=dtype, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.buffers = (*self.inputs, self.tokens, self.finished)
+
+    @staticmethod
+    def key_of(dtype: torch.dtype, eos: Tensor | None) -> tuple:
+        return dtype, None if eos is None else tuple(eos.tolist())
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """(B,) tokens from (B, V) logits, EOS-padded; updates `finished`."""
+        token = logits.argmax(-1).to(self.tokens.dtype)
+        if self.eos is not None:
+            token = torch.where(self.finished, self.eos[0], token)
+            self.finished.logical_or_(torch.isin(token, self.eos))
+        return token
+
+    def __call__(self, outputs: list) -> None:
+        token = self.choose(logits_of(self.structure(outputs)))
+        self.inputs[0].copy_(token[:, None])
+        self.tokens.index_copy_(1, self.t, token[:, None])
+
+
+def _greedy_feed(dec: Decoder, dtype: torch.dtype, eos: Tensor | None) -> GreedyFeed:
+    key = GreedyFeed.key_of(dtype, eos)
+    found = next((f for f in dec._fed_graphs if f.key == key), None)  # its token graphs are captured
+    return found if found is not None else GreedyFeed(dec, dtype, eos)
+
+
+def _eos_end(ids: Tensor, P: int, n: int, eos: Tensor) -> int:
+    """New tokens up to and including the one at which the last sequence ended (n if one has not)."""
+    hit = torch.isin(ids[:, P : P + n], eos)
+    if not bool(hit.any(1).all()):
+        return n
+    return int(hit.int().argmax(1).max()) + 1
+
+
+@torch.no_grad()
+def _generate_fed(dec: Decoder, input_ids: Tensor, ids: Tensor, N: int, eos: Tensor | None, bar) -> int:
+    """Greedy: new tokens into ids[:, P:] through a feed; returns how many to keep."""
+    P = input_ids.shape[1]
+    feed = _greedy_feed(dec, ids.dtype, eos)
+    feed.finished.zero_()
+    token = feed.choose(logits_of(dec.prefill(input_ids)))
+    ids[:, P] = token
+    feed.inputs[0].copy_(token[:, None])
+    n = 1
+    if bar is not None:
+        bar.update(dec.batch)
+    while n < N:
+        if eos is not None and n % EOS_EVERY == 1 and bool(feed.finished.all()):
+            break
+        dec._fed_step(feed)
+        n += 1
+        if bar is not None:
+            bar.update(dec.batch)
+    ids[:, P + 1 : P + n] = feed.tokens[:, P + 1 : P + n]
+    return n if eos is None else _eos_end(ids, P, n, eos)
+
+
+@torch.no_grad()
+def _generate_host(dec: Decoder, input_ids: Tensor, ids: Tensor, N: int, eos: Tensor | None, bar,
+                   logits_fn, sampling: tuple) -> int:
+    """Each token through the host: sampled, picked by logits_fn, or for models of other inputs."""
+    B, P = input_ids.shape
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    out = dec.prefill(input_ids)
+    for n in range(1, N + 1):
+        token = sample_next(logits_of(out, logits_fn), *sampling).to(ids.dtype)
+        if eos is not None:
+            token = torch.where(finished, eos[0], token)
+            finished |= torch.isin(token, eos)
+        ids[:, P + n - 1] = token
+        if bar is not None:
+            bar.update(B)
+        if n == N or (eos is not None and bool(finished.all())):
+            return n
+        out = dec._structure(dec._step((token[:, None],)))
+    return N
+
+
 def _progress(total: int, batch: int, enabled: bool):
     if not enabled:
         return None
@@ -114,25 +212,14 @@ def generate(model: torch.nn.Module, input_ids: Tensor, max_new_tokens: int, do_
     ids[:, :P] = input_ids
     eos = None
     if eos_token_id is not None:
-        eos = torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        eos = torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1).to(ids.dtype)
     bar = _progress(N, B, progress)
-    out = dec.prefill(input_ids)
-    n = 0
     try:
-        for n in range(1, N + 1):
-            token = sample_next(logits_of(out, logits_fn), do_sample, temperature, top_k, top_p, generator)
-            token = token.to(ids.dtype)
-            if eos is not None:
-                token = torch.where(finished, eos[0], token)
-                finished |= torch.isin(token, eos)
-            ids[:, P + n - 1] = token
-            if bar is not None:
-                bar.update(B)
-            if n == N or (eos is not None and bool(finished.all())):
-                break
-            out = dec._step((token[:, None],))
-            out = dec._structure(out)
+        if not do_sample and logits_fn is None and len(dec.specs) == 1:
+            n = _generate_fed(dec, input_ids, ids, N, eos, bar)
+        else:
+            n = _generate_host(dec, input_ids, ids, N, eos, bar, logits_fn,
+                               (do_sample, temperature, top_k, top_p, generator))
     finally:
         if bar is not None:
             bar.close()
