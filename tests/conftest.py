@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -24,3 +25,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings():
+    # The backend warns once per message and process (backend._warned): cleared so that a test's
+    # "no fallback" check sees its own fallback even when an earlier test already warned the same.
+    backend = sys.modules.get("lcsm_compile.backend")  # one not imported yet has warned nothing
+    if backend is not None:
+        backend._warned.clear()

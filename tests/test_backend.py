@@ -4,8 +4,10 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
 import lcsm_compile
+from lcsm_compile.backend import LcsmCompileError, report_listeners
 from lcsm_compile.zoo import ZOO, negative, positive
 
 EAGER = {"inner_backend": "eager"}
@@ -26,11 +28,6 @@ def _compile_run(model, inputs, options=EAGER, dynamic=False):
         return compiled, compiled(*inputs), model(*inputs)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    lcsm_compile.backend._warned.clear()  # the fallback warning is once per reason per process
-
-
 def _rewrites():
     return sum(lcsm_compile.counters["rewrite"].values())
 
@@ -40,10 +37,21 @@ def _rewrites():
 def test_positive_parity_and_counts(entry, L):
     model = entry.build()
     inputs = entry.make_inputs(model, 2, L, torch.Generator().manual_seed(L))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a positive model must compile without any fallback
-        _, y, ref = _compile_run(model, inputs)
+    reports = []
+
+    def listen(report, cg):
+        reports.append(report)
+
+    report_listeners.append(listen)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a positive model must compile without any fallback
+            _, y, ref = _compile_run(model, inputs)
+    finally:
+        report_listeners.remove(listen)
     assert _rel(y, ref) <= 1e-5
+    # a first compile specialises L: one graph, static at the call's length
+    assert [(r.symbolic, r.length) for r in reports] == [(False, L)]
     # At L = 1 einsum lowers the Toeplitz product to a pointwise multiply: no mixer exists.
     expected = 0 if (L == 1 and entry.name == "spelling_toeplitz") else entry.expected_convs
     assert _rewrites() == expected, dict(lcsm_compile.counters["rewrite"])
@@ -88,8 +96,9 @@ def test_strict_raises_on_negative():
     model = entry.build()
     inputs = entry.make_inputs(model, 1, 50, torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="lcsm", options={**EAGER, "strict": True})
-    with torch.no_grad(), pytest.raises(Exception, match="non-causal"):
+    with torch.no_grad(), pytest.raises(BackendCompilerFailed, match="non-causal") as info:
         compiled(*inputs)
+    assert isinstance(info.value.inner_exception, LcsmCompileError)  # dynamo wraps what the backend raised
 
 
 def test_filter_generator_runs_once_per_compile_not_per_call():
@@ -155,8 +164,9 @@ def test_graph_breaks_each_graph_rewritten():
 def test_bad_options_list_valid_ones():
     model = ZOO["spelling_cumsum"].build()
     compiled = torch.compile(model, backend="lcsm", options={"max_lenn": 3})
-    with pytest.raises(Exception, match="valid options are"):
+    with pytest.raises(BackendCompilerFailed, match="valid options are") as info:
         compiled(torch.randn(1, 4, 16))
+    assert isinstance(info.value.inner_exception, ValueError)
 
 
 def test_grad_enabled_runs_unchanged_with_warning():

@@ -225,9 +225,6 @@ def test_merged_batch_time_views_split_back():
     ("long_conv", 16),
     ("spelling_pad_conv1d", 16),
     ("spelling_cumsum", 16),
-    ("hyena_lm", 1),
-    ("hyena_lm", 63),
-    ("spelling_toeplitz", 63),
 ])
 def test_zoo_static_length_equal_to_width(name, L):
     entry = ZOO[name]

@@ -1,6 +1,7 @@
 """The decoder on a GPU: CUDA graphs per tile level (Triton online conv), inductor step segments."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -140,7 +141,14 @@ def test_floor_and_lazy_programs_share_the_segments():
     assert list(graphs.graphs) == [None]
     floor.prefill([x[:, :10]], 10)
     out = graphs.replay([x[:, 10:11]])[0]
-    assert out.shape == (1, 1, model.vocab_size) and torch.isfinite(out).all()
+    # The floor drops the long convolutions (y = u): its reference is the model with each Hyena
+    # long filter (fftconv and its bias skip) replaced by the identity, not the model itself.
+    identity = copy.deepcopy(model)
+    for layer in identity.layers:
+        layer.mixer.filter_fn.forward = lambda v, L, k=None: v
+    with torch.no_grad():
+        want = identity(x[:, :11])[:, 10:11]
+    assert out.shape == (1, 1, model.vocab_size) and _rel_per_position(out, want) <= 1e-4
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["modal-only", "modal+tiling"])

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from online_conv_reference import run_against_lazy
 
 from lcsm_compile.kernels import OnlineConv
-from tests.test_online_conv import run_against_lazy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,6 +26,9 @@ def _data(M, B, D, L, K, seed, decay=64.0):
         (40, 1, 40, 0, True),  # every tile an FFT, no fused level 0
         (33, 0, 1, 64, False),  # one-tap filter: no h[1], per-mixer step kernel
         (37, 36, 37, 4, False),  # a prompt that leaves one step
+        (1, 0, 1, 4, True),  # max_len 1: no tile level, one step
+        (1, 0, 5, 0, False),  # max_len 1, a filter longer than it: only h[0] is ever used
+        (1, 1, 1, 4, True),  # max_len 1: the prompt is the whole sequence, no step
     ],
 )
 def test_triton_path_fp32_equals_lazy(L, P, K, direct_max, all_at_once):

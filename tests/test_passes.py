@@ -7,6 +7,7 @@ from torch import nn
 
 from lcsm_compile.passes.fold import fold, model_max_len
 from lcsm_compile.passes.match import match
+from lcsm_compile.passes.region import Region, backward_slice
 from lcsm_compile.passes.rewrite import rewrite
 from lcsm_compile.passes.seq_axis import MIXING, POINTWISE, POSITIONAL, seq_axis
 from lcsm_compile.passes.verify import VerifyError, verify, verify_region
@@ -156,12 +157,33 @@ class Squared(nn.Module):
 
 
 def test_verify_rejects_nonlinear_region():
-    cg = capture(Squared(), torch.randn(2, 30, 4))
+    """A region stretched over a nonlinearity is refused; the accepted ones are the bare cumsums,
+    with x*x before one and **2 after the other left outside, and the rewritten graph is the model."""
+    model, x = Squared(), torch.randn(2, 30, 4)
+    cg = capture(model, x)
     seq_axis(cg)
     proposals, _ = match(cg)
     mixers, rejections = verify(cg, proposals, Settings())
-    # cumsum(x*x) is linear in its own input x*x: a mixer. cumsum(x)**2 ends at the cumsum.
     assert len(mixers) == 2 and not rejections
+    (u,) = [n for n in cg.gm.graph.nodes if n.op == "placeholder"]
+    (square,) = _by_target(cg, aten.mul.Tensor)
+    (power,) = _by_target(cg, aten.pow.Tensor_Scalar)
+    sums = _by_target(cg, aten.cumsum.default)
+    # cumsum(x*x) is linear in its own input x*x; cumsum(x)**2 ends at the cumsum
+    assert [(mx.region.u, mx.region.y) for mx in mixers] == [(square, sums[0]), (u, sums[1])]
+    assert all(square not in mx.region.nodes and power not in mx.region.nodes for mx in mixers)
+    for seed, y in ((sums[0], sums[0]), (sums[1], power)):  # u -> x*x -> cumsum, u -> cumsum -> **2
+        stretched = Region("cumsum", seed, u, y, backward_slice(y, u)[0])
+        # verify's per-channel random impulse is the first probe a square fails: f(a d) != a f(d)
+        with pytest.raises(VerifyError, match="mixes channels|not linear"):
+            verify_region(cg, stretched, Settings())
+    mixers, rejected = fold(cg, mixers, Settings())
+    assert not rejected and rewrite(cg, mixers) == {"cumsum": 2}
+    assert _by_target(cg, aten.mul.Tensor) == [square] and _by_target(cg, aten.pow.Tensor_Scalar) == [power]
+    with torch.no_grad():
+        (y,) = cg.gm(x)
+        ref = model(x)
+    assert ((y - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 def test_fold_at_model_max_len_and_rewrite_keeps_meta():

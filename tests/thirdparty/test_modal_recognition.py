@@ -1,5 +1,6 @@
 """recognise_modal / choose_strategy on real filter subgraphs: StripedHyena's compute_filter, the
 zoo's S4D kernels (H3), p ** t and real-exponential spellings, and filters that are not modal."""
+import copy
 import functools
 import warnings
 
@@ -76,6 +77,12 @@ class PowFilterConv(nn.Module):
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(h, n=2 * L), n=2 * L)[..., :L]
         return y.transpose(1, 2)
 
+    def exact_filter(self, L):
+        """The filter of the parameters, in fp64 (the reference for recognise_modal)."""
+        p = torch.view_as_complex(self.poles.detach().double())
+        r = torch.view_as_complex(self.residues.detach().double())
+        return (r * p ** torch.arange(L, dtype=torch.float64)).real.sum(1)
+
 
 class EmaConv(nn.Module):
     """h[t] = a exp(-alpha t): one real pole per channel, as a depthwise conv1d."""
@@ -92,6 +99,10 @@ class EmaConv(nn.Module):
         h = self.a[:, None] * torch.exp(-self.alpha[:, None] * t)
         u = torch.nn.functional.pad(x.transpose(1, 2), (L - 1, 0))
         return torch.nn.functional.conv1d(u, h.flip(-1)[:, None], groups=x.shape[-1]).transpose(1, 2)
+
+    def exact_filter(self, L):
+        t = torch.arange(L, dtype=torch.float64)
+        return self.a.detach().double()[:, None] * torch.exp(-self.alpha.detach().double()[:, None] * t)
 
 
 def test_stripedhyena_filters_are_modal():
@@ -127,8 +138,14 @@ def test_h3_s4d_kernels_are_modal_and_shift_kernels_are_not():
     found = [recognise_modal(mx) for mx in mixers]
     modal = [m for m, _ in found if m is not None]
     assert len(mixers) == 4 and len(modal) == 2  # per layer: the shift SSM, then the diagonal SSM
-    for m in modal:
+    for m, mx, layer in zip(modal, mixers[1::2], model.layers):
         assert m.state_size == 8 and m.length == mixers[0].length and m.error <= m.allowed <= 1e-4
+        # against the S4D kernel of the layer's own parameters, evaluated in fp64, and its D skip
+        kernel = copy.deepcopy(layer.mixer.kernel).double()
+        with torch.no_grad():
+            exact = kernel(mx.length)
+            exact[:, 0] += layer.mixer.D.double()
+        assert _rel(m.impulse_response(mx.length), exact) <= 1e-5
     shift_reasons = [why for m, why in found if m is None]
     assert all("no exp / pow over time" in why for why in shift_reasons)
 
@@ -142,6 +159,7 @@ def test_other_modal_spellings(model, n, real):
     assert modal.state_size == n and modal.error <= modal.allowed <= 1e-4
     if real:
         assert modal.poles.imag.abs().max() == 0
+    assert _rel(modal.impulse_response(mx.length), model.exact_filter(mx.length)) <= 1e-5
 
 
 def test_non_modal_filters_say_why():

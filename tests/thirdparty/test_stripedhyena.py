@@ -46,6 +46,8 @@ def test_compiled_prefill_matches_stateless_forward(B, lengths):
             want, _ = model.stateless_forward(model.embedding_layer.embed(ids))
             want = model.unembed.unembed(model.norm(want))
         assert _rel(got, want) <= 1e-5, L
+        # a graph per length (above), each with both blocks' short FIR and long modal conv rewritten
+        assert lcsm_compile.counters["rewrite"] == {"conv": 2, "fft": 2}, L
 
 
 def test_explain_finds_every_mixer():
