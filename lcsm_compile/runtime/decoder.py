@@ -15,6 +15,7 @@ leave the state as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -127,6 +128,10 @@ class Decoder:
             raise ValueError(f"lcsm decoder: example of length {L} is longer than max_len={max_len}")
         self.specs = [(tuple(x.shape[:d]) + tuple(x.shape[d + 1:]), x.dtype, x.device) if j in self.time_args
                       else x for j, x in enumerate(args)]
+        # inputs without a time axis are baked into the step program: a later call must pass equal
+        # values (the same object unchanged passes without a device sync)
+        self._static = {j: (x._version, x.clone()) for j, x in enumerate(args)
+                        if j not in self.time_args and isinstance(x, Tensor)}
         self.device = x0.device
         self.plan = self._plan(model, args, settings)
         self._build_program()
@@ -249,8 +254,10 @@ class Decoder:
         length = None
         for j, (x, spec) in enumerate(zip(inputs, self.specs)):
             if j not in self.time_args:
-                if x is not spec and not (not isinstance(x, Tensor) and x == spec):
-                    raise ValueError(f"lcsm decoder: input {j} must be the example's own value")
+                if not self._same_static(j, x):
+                    raise ValueError(f"lcsm decoder: input {j} has no time axis, so the decoder holds the "
+                                     "example's value for it; pass an equal value (build another decoder "
+                                     "for another one)")
                 continue
             if not isinstance(x, Tensor) or x.dim() != len(spec[0]) + 1:
                 raise ValueError(f"lcsm decoder: input {j} must be a tensor of rank {len(spec[0]) + 1}")
@@ -273,6 +280,28 @@ class Decoder:
                              f"{self.max_len}")
         return length
 
+    def _same_static(self, j: int, x) -> bool:
+        spec = self.specs[j]
+        if j not in self._static:
+            return x is spec or (not isinstance(x, Tensor) and x == spec)
+        version, value = self._static[j]
+        if x is spec and x._version == version:
+            return True
+        return (isinstance(x, Tensor) and x.shape == value.shape and x.dtype == value.dtype
+                and x.device == value.device and torch.equal(x, value))
+
+    @contextlib.contextmanager
+    def _cleared_on_error(self):
+        """Work that changes the decode state: should it fail part way (an index past the
+        vocabulary, say), the state is cleared, so that a later step() cannot run on half of it."""
+        try:
+            yield
+        except BaseException as e:
+            self.reset()
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note("lcsm decoder: the decode state was cleared; call prefill() again")
+            raise
+
     def _structure(self, outs: list):
         leaves = [outs[v] if kind == "out" else v for kind, v in self._leaves]
         return pytree.tree_unflatten(leaves, self._spec)
@@ -290,7 +319,8 @@ class Decoder:
     def prefill(self, *inputs):
         """Outputs at the last prompt position; the state now holds the prompt."""
         P = self._check(inputs, step=False)
-        outs = self.program.prefill(self._seq(inputs), P)
+        with self._cleared_on_error():
+            outs = self.program.prefill(self._seq(inputs), P)
         self._prefilled = True
         counters["decode"]["prefill_positions"] += P
         return self._structure([o.narrow(d, P - 1, 1).clone() if d is not None else o
@@ -305,13 +335,14 @@ class Decoder:
         self._check(inputs, step=True)
         self._check_can_step()
         counters["decode"]["step_positions"] += 1
-        if self._use_graphs:
+        with self._cleared_on_error():
+            if not self._use_graphs:
+                return self.program.step(self._seq(inputs))
             if self._graphs is None:
                 from .cuda_graphs import StepGraphs  # noqa: PLC0415
 
                 self._graphs = StepGraphs(self.program)
             return self._graphs.replay(self._seq(inputs))
-        return self.program.step(self._seq(inputs))
 
     def _fed_step(self, feed) -> None:
         """A step whose inputs the previous one chose: the sequence inputs are `feed.inputs` (device
@@ -320,15 +351,16 @@ class Decoder:
         returns to the host, so a loop of these needs no sync (generate's greedy tokens)."""
         self._check_can_step()
         counters["decode"]["fed_step_positions"] += 1
-        if not self._use_graphs:
-            feed(self.program.step(feed.inputs))
-            return
-        graphs = self._fed_graphs.get(feed)
-        if graphs is None:
-            from .cuda_graphs import StepGraphs  # noqa: PLC0415
+        with self._cleared_on_error():
+            if not self._use_graphs:
+                feed(self.program.step(feed.inputs))
+                return
+            graphs = self._fed_graphs.get(feed)
+            if graphs is None:
+                from .cuda_graphs import StepGraphs  # noqa: PLC0415
 
-            graphs = self._fed_graphs[feed] = StepGraphs(self.program, feed=feed)
-        graphs.replay(None)
+                graphs = self._fed_graphs[feed] = StepGraphs(self.program, feed=feed)
+            graphs.replay(None)
 
     def _check_can_step(self) -> None:
         if not self._prefilled:

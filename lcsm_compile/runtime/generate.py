@@ -54,12 +54,22 @@ def logits_of(output: Any, logits_fn: Callable | None = None) -> Tensor:
     return logits[:, -1] if logits.dim() == 3 else logits
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature > 0:
+        raise ValueError(f"lcsm generate: temperature must be > 0 when sampling, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"lcsm generate: top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"lcsm generate: top_k must be >= 0 (0: no top-k), got {top_k}")
+
+
 def sample_next(logits: Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """(B,) next tokens from (B, V) logits: argmax, or a draw after temperature / top-k / top-p."""
     if not do_sample:
         return logits.argmax(-1)
-    scores = logits.float() / max(float(temperature), 1e-6)
+    _check_sampling(temperature, top_k, top_p)
+    scores = logits.float() / float(temperature)
     if top_k is not None and 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -205,9 +215,13 @@ def generate(model: torch.nn.Module, input_ids: Tensor, max_new_tokens: int, do_
     N = int(max_new_tokens)
     if P < 1 or N < 0:
         raise ValueError(f"lcsm generate: need a prompt (P={P}) and max_new_tokens >= 0 (got {N})")
+    if do_sample:
+        _check_sampling(temperature, top_k, top_p)
+    if eos_token_id is not None and torch.as_tensor(eos_token_id).numel() == 0:
+        raise ValueError("lcsm generate: eos_token_id is an empty list; pass None for no end of sequence")
     if N == 0:
         return input_ids.clone()
-    dec = cached_decoder(model, input_ids, P + N, options)
+    dec = cached_decoder(model, input_ids, P + N - 1, options)  # the last token is never fed back
     ids = torch.empty(B, P + N, dtype=input_ids.dtype, device=input_ids.device)
     ids[:, :P] = input_ids
     eos = None

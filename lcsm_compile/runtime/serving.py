@@ -3,8 +3,11 @@
 A compiled model called again with inputs that extend its previous call by k positions (same
 batch, same prefix) computes only the k new positions with the step program, and returns what
 eager would: the full outputs, as views of a preallocated output buffer (grown by doubling; a
-buffer is never rewritten where a previous result can see it). Any other call runs a fresh
-prefill. So a loop that re-runs the model on its growing sequence, like HF
+buffer is never rewritten where a previous result can see it). The views are not contiguous at
+batch > 1 (`reshape`, not `view`); a copy per call would cost O(L) per token, O(L^2) in all.
+A result changed in place by the caller changes the buffer's version: the next call then runs a
+fresh prefill instead of extending it. Any other call runs a fresh prefill too, and so does the
+call after one that failed part way. So a loop that re-runs the model on its growing sequence, like HF
 `generate(use_cache=False)`, decodes in O(L log^2 L) without a change to its code.
 
 Only graphs with a dynamic time dim are served (dynamo makes L dynamic from the second length
@@ -52,6 +55,7 @@ class ServedGraph:
         self._graphs = None
         self._inputs: list[Tensor] | None = None  # the previous call's sequence inputs
         self._buffers: list = []
+        self._versions: list[int] = []  # the buffers' version counters after our last write
         self._length = 0
 
     def __call__(self, *args):
@@ -62,17 +66,21 @@ class ServedGraph:
             return self.fallback(*args)
         seq = [s.contiguous() for s in seq]
         k = self._extends(seq, n)
+        self._inputs = None  # until this call has finished: one that fails leaves no prefix to extend
         if k is None:
             self._prefill(seq, n)
         else:
             for t in range(self._length, n):
                 self._step([s.narrow(d, t, 1) for s, d in zip(seq, self.dims)], t)
         self._inputs, self._length = [s.clone() for s in seq], n
+        self._versions = [b._version if d is not None else None for b, d in zip(self._buffers, self.plan.output_time)]
         return tuple(b.narrow(d, 0, n) if d is not None else b for b, d in zip(self._buffers, self.plan.output_time))
 
     def _extends(self, seq: list[Tensor], n: int) -> int | None:
         if self._inputs is None or not 0 <= n - self._length <= MAX_STEPS_PER_CALL:
             return None
+        if any(v is not None and b._version != v for b, v in zip(self._buffers, self._versions)):
+            return None  # a result was written in place: its prefix is no longer the model's
         for new, old, d in zip(seq, self._inputs, self.dims):
             if new.shape[:d] != old.shape[:d] or new.shape[d + 1:] != old.shape[d + 1:] or new.dtype != old.dtype:
                 return None
@@ -129,6 +137,11 @@ def serve(cg: CapturedGraph, report: CompileReport, settings: Settings,
           compile_fallback: Callable[[], Callable]) -> Callable:
     """The backend's callable for one graph when options={"decode": True}."""
     if not cg.symbolic:  # a first call: dynamo makes L dynamic when a second length comes
+        return compile_fallback()
+    untimed = [i.source for i in cg.inputs if i.role == "sequence" and i.time_dim is None]
+    if untimed:
+        _warn_once(f"lcsm serving: input {untimed[0]} has no time axis; this graph runs without "
+                   "prefix-extension decoding")
         return compile_fallback()
     own = _copy(cg)
     fallback = compile_fallback()
