@@ -1,7 +1,9 @@
 """explain(model, *example_inputs): what the compiler finds, what it cannot rewrite, and why.
 
 Runs the model once through dynamo with the lcsm pipeline listening (no rewrite is kept), with
-the time dim marked dynamic where it can be, so filters are also checked across lengths.
+the time dim marked dynamic where it can be, so filters are also checked across lengths. Each
+graph with a dynamic time dim is also incrementalized (what decoder() and serving would do):
+`decode` lists why one has no step form ([] if all have one, None if none could be checked).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class ExplainReport:
     graphs: int = 0
     length: int = 0
     fold_length: int | None = None
+    decode: list[tuple[str, str]] | None = None  # (node, reason) a step form is refused for
 
     @property
     def ok(self) -> bool:
@@ -46,6 +49,13 @@ class ExplainReport:
             lines.append("  left unchanged:")
             for u in self.unsupported:
                 lines.append(f"   - {u.node}: {u.reason}")
+        if self.decode is None:
+            lines.append("  decode: not checked (no graph with a dynamic time dim)")
+        elif not self.decode:
+            lines.append("  decode: every graph has a step form")
+        else:
+            lines.append("  decode refused:")
+            lines += [f"   - {node}: {reason}" for node, reason in self.decode]
         return "\n".join(lines)
 
 
@@ -59,6 +69,10 @@ def explain(model: torch.nn.Module, *example_inputs, **options) -> ExplainReport
         report.mixers.extend(rep.mixers)
         report.unsupported.extend(rep.unsupported)
         report.fold_length = cg.facts.get("fold_length", report.fold_length)
+        if cg.symbolic and (rep.rewrites or rep.unsupported):
+            from .runtime.serving import decode_problems  # noqa: PLC0415 - the decode runtime loads on demand
+
+            report.decode = (report.decode or []) + decode_problems(cg, rep, settings)
 
     inputs = []
     for x in example_inputs:

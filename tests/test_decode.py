@@ -56,6 +56,32 @@ def test_negative_models_refuse_with_reason(entry):
     assert info.value.problems and all(node and reason for node, reason in info.value.problems)
 
 
+class _CumMaxLM(nn.Module):
+    """Causal, but its cummax along time has no step form the decoder knows."""
+
+    def __init__(self):
+        super().__init__()
+        from lcsm_compile.zoo.spellings import PadConv1d
+
+        self.emb, self.mix, self.head = nn.Embedding(32, 8), PadConv1d(8, 64), nn.Linear(8, 32)
+
+    def forward(self, ids):
+        return self.head(torch.cummax(self.mix(self.emb(ids)), dim=1).values)
+
+
+def test_explain_says_whether_a_model_decodes():
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    report = lcsm_compile.explain(model, _inputs(entry, model, 1, 40))
+    assert report.decode == [] and "every graph has a step form" in str(report)
+    ids = torch.randint(0, 32, (1, 12), generator=torch.Generator().manual_seed(0))
+    report = lcsm_compile.explain(_CumMaxLM().eval(), ids)
+    assert report.ok and len(report.decode) == 1 and report.decode[0][0].startswith("aten.cummax.default")
+    assert "decode refused" in str(report) and "acts along time" in str(report)
+    with pytest.raises(IncrementalizeError, match="cummax"):  # what decoder() says about it
+        lcsm_compile.decoder(_CumMaxLM().eval(), ids, max_len=32, **EAGER)
+
+
 class _Mixer(nn.Module):
     """x (B, L, D) -> x + causal conv, with a position-wise extra chosen by `extra`."""
 

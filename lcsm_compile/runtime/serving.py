@@ -28,7 +28,7 @@ from ..settings import Settings
 from .segment_compile import SegmentCompiler
 from .step_program import StepProgram
 
-__all__ = ["serve", "ServedGraph"]
+__all__ = ["serve", "ServedGraph", "decode_problems", "served_max_len"]
 
 MAX_STEPS_PER_CALL = 64  # a longer extension is cheaper as a fresh prefill
 _warned: set[str] = set()
@@ -133,6 +133,20 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+def served_max_len(cg: CapturedGraph, settings: Settings) -> int:
+    """The longest sequence a served graph decodes: the max_len option, else the fold length."""
+    return settings.max_len or int(cg.facts.get("fold_length") or cg.length)
+
+
+def decode_problems(cg: CapturedGraph, report: CompileReport, settings: Settings) -> list[tuple[str, str]]:
+    """Why this rewritten graph has no step form ([] when it has one); for explain()."""
+    try:
+        incrementalize(_copy(cg), settings, served_max_len(cg, settings), report.unsupported)
+    except IncrementalizeError as e:
+        return e.problems
+    return []
+
+
 def serve(cg: CapturedGraph, report: CompileReport, settings: Settings,
           compile_fallback: Callable[[], Callable]) -> Callable:
     """The backend's callable for one graph when options={"decode": True}."""
@@ -145,9 +159,8 @@ def serve(cg: CapturedGraph, report: CompileReport, settings: Settings,
         return compile_fallback()
     own = _copy(cg)
     fallback = compile_fallback()
-    max_len = settings.max_len or int(cg.facts.get("fold_length") or cg.length)
     try:
-        plan = incrementalize(own, settings, max_len, report.unsupported)
+        plan = incrementalize(own, settings, served_max_len(cg, settings), report.unsupported)
         device = next((i.value.device for i in own.inputs if isinstance(i.value, Tensor)), torch.device("cpu"))
         program = StepProgram(plan, device, compiler=SegmentCompiler.for_device(device, settings))
     except IncrementalizeError as e:
