@@ -141,3 +141,12 @@ def test_generate_rejects_bad_arguments_before_building(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lcsm_compile.generate(model, ids[:, :4], 3, **kwargs, **EAGER)
     assert lcsm_compile.counters["decode"]["decoders"] == before
+
+
+def test_lengths_past_the_models_own_limit_say_so(tiny):
+    model, ids, _ = tiny  # its filters reach 64 positions
+    long = ids.repeat(1, 2)
+    with pytest.raises(ValueError, match="model itself fails at max_len=69.*exceeds the filter's max_len 64"):
+        lcsm_compile.generate(model, long[:, :10], 60, **EAGER)
+    with pytest.raises(ValueError, match="model itself fails at max_len=65"):
+        lcsm_compile.decoder(model, long[:, :65], max_len=65, **EAGER)

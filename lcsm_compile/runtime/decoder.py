@@ -133,7 +133,14 @@ class Decoder:
         self._static = {j: (x._version, x.clone()) for j, x in enumerate(args)
                         if j not in self.time_args and isinstance(x, Tensor)}
         self.device = x0.device
-        self.plan = self._plan(model, args, settings)
+        try:
+            self.plan = self._plan(model, args, settings)
+        except IncrementalizeError as err:
+            own = self._model_error_at(model, args, max_len)
+            if own is not None:  # the model's own limit, not a decode problem
+                raise ValueError(f"lcsm decoder: the model itself fails at max_len={max_len} ({own}); "
+                                 "decode up to the length it runs at") from err
+            raise
         self._build_program()
         try:
             self._check_model(model, args, L)
@@ -187,6 +194,15 @@ class Decoder:
                 self._seq_arg.append(j)
         with torch._C._DisableAutocast():
             return incrementalize(cg, settings, self.max_len, report.unsupported, filters, mixers)
+
+    def _model_error_at(self, model, args: list, n: int) -> str | None:
+        """The model's own error at length n (a filter or position table shorter than n), if any."""
+        try:
+            with torch.no_grad():
+                model(*_at_length(args, self.time_args, n, self.dim))
+        except Exception as e:  # noqa: BLE001 - any: it is reported, with the decode error as cause
+            return f"{type(e).__name__}: {e}"
+        return None
 
     def _prime_length(self, cg) -> int:
         sizes = {int(s) for inp in cg.inputs if inp.role == "static" for s in inp.value.shape} | {self.batch}
