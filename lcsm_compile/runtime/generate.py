@@ -104,6 +104,15 @@ def cached_decoder(model: torch.nn.Module, input_ids: Tensor, max_len: int, opti
     return dec
 
 
+def _hold_ended(token: Tensor, finished: Tensor, eos: Tensor | None) -> Tensor:
+    """Sequences that have ended keep emitting eos[0]; `finished` (B,) is updated in place."""
+    if eos is None:
+        return token
+    token = torch.where(finished, eos[0], token)
+    finished.logical_or_(torch.isin(token, eos))
+    return token
+
+
 class GreedyFeed:
     """The greedy choice as device work after each step (Decoder._fed_step): argmax of the last
     logits, held at EOS for sequences that have ended, written as the next input and into
@@ -124,11 +133,7 @@ class GreedyFeed:
 
     def choose(self, logits: Tensor) -> Tensor:
         """(B,) tokens from (B, V) logits, EOS-padded; updates `finished`."""
-        token = logits.argmax(-1).to(self.tokens.dtype)
-        if self.eos is not None:
-            token = torch.where(self.finished, self.eos[0], token)
-            self.finished.logical_or_(torch.isin(token, self.eos))
-        return token
+        return _hold_ended(logits.argmax(-1).to(self.tokens.dtype), self.finished, self.eos)
 
     def __call__(self, outputs: list) -> None:
         token = self.choose(logits_of(self.structure(outputs)))
@@ -181,10 +186,7 @@ def _generate_host(dec: Decoder, input_ids: Tensor, ids: Tensor, N: int, eos: Te
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     out = dec.prefill(input_ids)
     for n in range(1, N + 1):
-        token = sample_next(logits_of(out, logits_fn), *sampling).to(ids.dtype)
-        if eos is not None:
-            token = torch.where(finished, eos[0], token)
-            finished |= torch.isin(token, eos)
+        token = _hold_ended(sample_next(logits_of(out, logits_fn), *sampling).to(ids.dtype), finished, eos)
         ids[:, P + n - 1] = token
         if bar is not None:
             bar.update(B)
