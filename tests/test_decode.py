@@ -195,10 +195,12 @@ def test_build_errors():
         lcsm_compile.decoder(model, x, max_len=8, **EAGER)
     with pytest.raises(ValueError, match="engine"):
         lcsm_compile.decoder(model, x, max_len=64, engine="magic", **EAGER)
+    with pytest.raises(ValueError, match="max_len must be an int >= 2"):  # no position left to step
+        lcsm_compile.decoder(model, x[:, :1], max_len=1, **EAGER)
     with pytest.raises(ValueError, match="unknown option"):
         lcsm_compile.decoder(model, x, max_len=64, nonsense=1)
-    # beyond the model's own filter length: refused with the reason, not silently truncated
-    with pytest.raises(IncrementalizeError, match="max_len"):
+    # beyond the model's own filter length: refused with the model's own reason, not truncated
+    with pytest.raises(ValueError, match="model itself fails at max_len=4096.*exceeds the kernel's max_len"):
         lcsm_compile.decoder(model, x, max_len=4096, **EAGER)
 
 

@@ -105,8 +105,8 @@ class StepMismatch(IncrementalizeError):
 class Decoder:
     def __init__(self, model: torch.nn.Module, example_inputs: tuple, max_len: int, settings: Settings,
                  engine: str = "online"):
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"lcsm decoder: max_len must be a positive int, got {max_len!r}")
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"lcsm decoder: max_len must be an int >= 2 (a prompt and a step), got {max_len!r}")
         if engine not in ENGINES:
             raise ValueError(f"lcsm decoder: engine must be one of {tuple(ENGINES)}, got {engine!r}")
         # Built under torch.autocast, the decoder follows the model under that autocast: the capture

@@ -223,7 +223,7 @@ def generate(model: torch.nn.Module, input_ids: Tensor, max_new_tokens: int, do_
         raise ValueError("lcsm generate: eos_token_id is an empty list; pass None for no end of sequence")
     if N == 0:
         return input_ids.clone()
-    dec = cached_decoder(model, input_ids, P + N - 1, options)  # the last token is never fed back
+    dec = cached_decoder(model, input_ids, max(P + N - 1, 2), options)  # the last token is never fed back
     ids = torch.empty(B, P + N, dtype=input_ids.dtype, device=input_ids.device)
     ids[:, :P] = input_ids
     eos = None
