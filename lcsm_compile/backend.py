@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .passes.capture import describe_inputs
+from .passes.capture import CapturedGraph, describe_inputs
 from .passes.pipeline import CompileReport, counters, run_pipeline
 from .settings import Settings
 
@@ -141,13 +142,105 @@ def lcsm_backend(
         _warn_once(message)
     if not report.rewrites:
         return inner_compile(gm, example_inputs, settings, mode)
+    # Compiled on first need, in this compile's tracing context: its fake mode and shape env
+    # say which sizes are dynamic (the example inputs alone would specialize them).
+    context = torch._guards.TracingContext.try_get()
+
+    def unchanged() -> Callable:
+        with torch._guards.tracing(context):
+            return inner_compile(gm, example_inputs, settings, mode)
+
     if settings.decode:  # prefix-extension serving (runtime/serving.py); the plain graph as fallback
         from .runtime.serving import serve  # noqa: PLC0415 - the decode runtime loads on demand
 
-        return serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings, mode, aten=True))
+        served = serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings, mode, aten=True))
+        # The step program keeps the weights it was built from (not only the folded filters).
+        return FoldedWeightsGuard(served, unchanged, cg, _static_indices(cg), _scalar_indices(gm))
     # The rewritten ATen graph takes the same flat inputs as the dynamo graph; the inner compiler
     # treats it like any dynamo graph (inductor lifts the folded filters as constants).
-    return inner_compile(cg.gm, example_inputs, settings, mode, aten=True)
+    rewritten = inner_compile(cg.gm, example_inputs, settings, mode, aten=True)
+    return FoldedWeightsGuard(rewritten, unchanged, cg, _folded_indices(cg, report), _scalar_indices(gm))
+
+
+def _static_indices(cg: CapturedGraph) -> list[int]:
+    return [i for i, inp in enumerate(cg.inputs) if inp.role == "static" and isinstance(inp.value, torch.Tensor)]
+
+
+def _folded_indices(cg: CapturedGraph, report: CompileReport) -> list[int]:
+    """The static inputs some folded filter was computed from (the leaves of accepted regions)."""
+    leaves = set()
+    for mx in report.accepted:
+        leaves |= mx.fn.leaves
+    return [i for i in _static_indices(cg) if cg.inputs[i].node in leaves]
+
+
+def _scalar_indices(gm: fx.GraphModule) -> set[int]:
+    """Inputs that are Python numbers passed as fresh 0-d tensors each call (an unspecialized float
+    attribute under dynamic shapes): a new tensor every call, so their value is what is compared."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {i for i, n in enumerate(placeholders)
+            if getattr(n.meta.get("grapharg"), "pass_arg_as_tensor", False)}
+
+
+def _weight_key(x: torch.Tensor) -> tuple[int, int]:
+    # Inference tensors keep no version counter (they are only written under inference_mode).
+    return x.data_ptr(), (-1 if x.is_inference() else x._version)
+
+
+class FoldedWeightsGuard:
+    """The rewritten graph, unless a weight its folded filters came from has changed since.
+
+    Folded filters are constants computed from the weights at compile time. Dynamo passes the
+    weights as graph inputs and does not recompile when they change in place (`mul_`,
+    `load_state_dict`, a mutated global) or, with inlined nn.Modules, when a parameter is
+    reassigned. Each call compares the weights' (data_ptr, _version) with those at compile time
+    (~0.4 us a weight); on a change it runs the unrewritten graph from then on (compiled on first
+    need), so a stale filter is never used, and warns once that torch._dynamo.reset() recompiles
+    with the new weights.
+    """
+
+    def __init__(self, rewritten: Callable, compile_unchanged: Callable[[], Callable],
+                 cg: CapturedGraph, indices: list[int], scalars: set[int] = frozenset()):
+        self.rewritten, self.compile_unchanged = rewritten, compile_unchanged
+        self.scalars = [(i, cg.inputs[i].source, cg.inputs[i].value.item()) for i in indices if i in scalars]
+        indices = [i for i in indices if i not in scalars]
+        self.indices = indices
+        self.sources = [cg.inputs[i].source for i in indices]
+        self.keys = [_weight_key(cg.inputs[i].value) for i in indices]
+        self.unchanged: Callable | None = None
+        self._pick = (lambda args: tuple(args[i] for i in indices)) if len(indices) < 2 else itemgetter(*indices)
+        self._versioned = not any(cg.inputs[i].value.is_inference() for i in indices)
+
+    def _same_weights(self, args) -> bool:
+        if self.scalars and any(args[i].item() != v for i, _, v in self.scalars):
+            return False
+        if self._versioned:
+            try:
+                return [(w.data_ptr(), w._version) for w in self._pick(args)] == self.keys
+            except RuntimeError:  # an inference tensor now, where there was none: not the same
+                return False
+        return [_weight_key(w) for w in self._pick(args)] == self.keys
+
+    def __call__(self, *args):
+        if self.unchanged is None:
+            if self._same_weights(args):
+                return self.rewritten(*args)
+            self._go_stale(args)
+        return self.unchanged(*args)
+
+    def _go_stale(self, args) -> None:
+        changed = [s for i, s, v in self.scalars if args[i].item() != v]
+        changed += [s for i, s, k in zip(self.indices, self.sources, self.keys)
+                    if not isinstance(args[i], torch.Tensor) or _weight_key(args[i]) != k]
+        counters["graphs"]["stale_filter_fallbacks"] += 1
+        warnings.warn(
+            f"lcsm: {(changed or self.sources)[0]} changed after compiling (in place or reassigned) and a "
+            "folded filter was computed from it: this graph now runs unrewritten; call "
+            "torch._dynamo.reset() to recompile with the new weights",
+            stacklevel=3,
+        )
+        self.rewritten = None  # the folded filters are stale: let them go
+        self.unchanged = self.compile_unchanged()
 
 
 def capture_aten(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:

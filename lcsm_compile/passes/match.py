@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from .capture import CapturedGraph, sym_expr
-from .region import Region, describe_node, foreign_inputs
+from .region import Region, describe_node, foreign_inputs, random_ops
 from .seq_axis import is_static
 
 __all__ = ["Rejection", "match", "SEEDS"]
@@ -154,7 +154,12 @@ def _propose(cg, kind, seed, x, through_views):
                 return None, reason
             continue
         regions = [Region(kind, seed, u, end) for end in _extensions(y, _u_candidates(x, True))]
-        return regions, None
+        # A region becomes one filter folded once: a random op in it would be frozen (refused).
+        drawn = [random_ops(r) for r in regions]
+        if all(drawn):
+            ops = ", ".join(dict.fromkeys(describe_node(n) for n in drawn[0]))
+            return None, f"random op in the filter path ({ops}): folding would freeze one draw"
+        return [r for r, d in zip(regions, drawn) if not d], None
     return None, last_reason or "no region found"
 
 

@@ -25,7 +25,7 @@ from torch import fx
 
 from .capture import CapturedGraph, sym_expr
 
-__all__ = ["INSPECTED", "Region", "RegionFunction", "backward_slice", "foreign_inputs"]
+__all__ = ["INSPECTED", "Region", "RegionFunction", "backward_slice", "foreign_inputs", "random_ops"]
 
 aten = torch.ops.aten
 # Filter nodes whose values (and their inputs' values) stay readable after evaluation:
@@ -107,6 +107,26 @@ def foreign_inputs(region: Region) -> list[fx.Node]:
             if not any(a in out for a in n.all_input_nodes):
                 out.append(n)
     return out
+
+
+# Higher-order ops that replay or record the RNG (functionalized dropout under rng functionalization).
+_RNG_HOPS = ("run_and_save_rng_state", "run_with_rng_state")
+
+
+def _draws_random(node: fx.Node) -> bool:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in target.tags
+    return isinstance(target, torch._ops.HigherOrderOperator) and target.name() in _RNG_HOPS
+
+
+def random_ops(region: Region) -> list[fx.Node]:
+    """Ops in the region that draw random numbers (dropout in train mode, rand, bernoulli).
+
+    A region is folded into one filter evaluated once, and replaced by a convolution: a random
+    op inside it would be frozen to the draw the compile made, where eager draws on every call."""
+    nodes, _ = backward_slice(region.y, region.u)
+    return [n for n in nodes if n.op == "call_function" and _draws_random(n)]
 
 
 class RegionFunction:

@@ -6,12 +6,15 @@ For a region y = f(u):
   channels   f(r * delta_0) - c == r * h for random r, else the region mixes channels
   causality  f(delta_{L-1}) - c is zero before L-1, else it reads future positions
   probes     f(u) - c == causal_conv(u, h) for random u (linearity, time invariance)
+  bias       c is one value per channel: the rewrite adds it to every batch row and, with a
+             dynamic L, at every length, so c must not vary along the batch nor with L
   lengths    with a dynamic L the rewritten graph serves other lengths too, so the region is
              re-run at a longer, a shorter and the shortest length its shape guards admit (from 2;
              lengths the guards exclude never run this graph): it must be causal there
              (an FFT whose size does not grow with L, or a fixed-length filter transformed at 2L,
-             wraps around at some lengths only), and with probes on, h there is a prefix of h at
-             the capture length and a random probe matches the convolution;
+             wraps around at some lengths only), its offset must be the bias, and with probes on,
+             h there is a prefix of h at the capture length and a random probe matches the
+             convolution;
              with a static L, factory ops sized by L (linspace(0, 1, L)) are re-run at L+1
 A region that fails keeps its original nodes, and the reason goes to explain().
 Sampled lengths are not all lengths: a region causal at every length checked but not at some
@@ -296,6 +299,11 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     h = canonical_row(h_full, axis, bcast, chan)
     bias = canonical_row(c.narrow(axis, 0, 1), axis, bcast, chan)[:, 0]
     bias = None if _norm(bias) == 0 else bias
+    # The rewrite adds one bias per channel: an offset that differs between batch rows (a (B, C, 1)
+    # buffer) would be replaced by row 0's.
+    if bcast and _offset_mismatch(c, bias, axis, bcast, chan, scale, tol):
+        raise VerifyError(f"its offset f(0) varies along the batch (dim {bcast[0]}); "
+                          "the rewrite adds one bias per channel")
     # Random probes: the whole region against the convolution it claims to be.
     for _ in range(2 if probes else 0):
         u = rand(shape)
@@ -323,6 +331,15 @@ def _leaks(fn, shape, axis, dtype, device, scale: float, tol: float, offset: Ten
     last, _ = impulse_response(fn, shape, axis, dtype, device, at=L - 1, offset=offset)
     leak = _norm(last.narrow(axis, 0, L - 1))
     return leak > tol * max(scale, _norm(last))
+
+
+def _offset_mismatch(c: Tensor, bias: Tensor | None, axis, bcast, chan, scale: float, tol: float) -> bool:
+    """Whether the offset f(0) differs from the per-channel `bias` the rewrite adds (at any batch
+    row, position or length), beyond round-off of the offset or of the region's response (`scale`)."""
+    cc = to_canonical(c, axis, bcast, chan)
+    want = torch.zeros((), dtype=cc.dtype, device=cc.device) if bias is None else bias.to(cc)[None, :, None]
+    err = _sums(cc, want)[0] ** 0.5  # broadcast in chunks: no (B, C, L) difference
+    return err > 0 and err > tol * max(_norm(cc), scale)
 
 
 def _probe_error(fn, u: Tensor, c: Tensor, h: Tensor, axis, bcast, chan, tol: float) -> tuple[Tensor, float]:
@@ -372,6 +389,11 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
         raise
     except Exception:  # noqa: BLE001 - the model may not run past its own max_len
         return
+    # The bias is folded from the capture length and serves every length: an offset that changes
+    # with L (b / L) would be wrong at all the others.
+    if _offset_mismatch(c2, mixer.bias, axis, bcast, chan, max(_norm(h2_full), 1e-30), tol):
+        raise VerifyError(f"its offset f(0) at L={L2} differs from the bias found at L={L} "
+                          "(an offset that depends on the length)")
     if not full:
         return
     h2 = to_canonical(h2_full, axis, bcast, chan)[0]
