@@ -157,6 +157,41 @@ def test_first_wrap_length(n, lower, upper, first):
     assert first_wrap_length(expr, L, lower, upper, {B: sympy.Integer(3)}) == first
 
 
+@pytest.mark.parametrize("n, taps, first", [
+    ("64", 8, 58),        # an 8-tap filter in a fixed 64-point transform: the wrap shows from 58
+    ("64", 40, 26),       # 40 taps: from L + 39 > 64
+    ("L + 64", 8, None),  # grows with L, always room for 8 taps
+    ("L + 4", 8, 2),      # too short for 8 taps at every length
+])
+def test_first_wrap_length_of_a_short_filter(n, taps, first):
+    L = sympy.Symbol("L")
+    assert first_wrap_length(sympy.sympify(n, locals={"L": L}), L, 2, 1000, {}, taps) == first
+
+
+class _FixedSizeFFT(nn.Module):
+    """An 8-tap filter convolved in a 64-point transform: causal up to L = 57, circular after."""
+
+    def __init__(self, D=4, K=8):
+        super().__init__()
+        self.h = nn.Parameter(torch.randn(D, K, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(self.h, n=64), n=64)[..., : x.shape[1]]
+        return y.transpose(1, 2)
+
+
+def test_short_filter_in_a_fixed_size_transform_is_not_rewritten_past_its_wrap():
+    model = _FixedSizeFFT().eval()
+    compiled = torch.compile(model, backend="lcsm", options={**EAGER, "max_len": 64})
+    with torch.no_grad():
+        for L in (16, 20, 60):  # the second length makes L dynamic; 60 wraps
+            x = torch.randn(2, L, 4, generator=torch.Generator().manual_seed(L))
+            assert _rel(compiled(x), model(x)) <= 1e-5, L
+    report = lcsm_compile.explain(model, torch.randn(2, 20, 4), max_len=64)
+    assert any("non-causal at L=58" in u.reason for u in report.unsupported), str(report)
+
+
 def test_causal_at_every_length_still_rewritten_dynamic():
     """The other-length checks do not reject a causal FFT conv (its filter cut to L)."""
     model = ZOO["spelling_fft_complex"].build()

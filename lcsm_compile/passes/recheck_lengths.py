@@ -48,14 +48,18 @@ def fft_sizes(nodes: list[fx.Node]) -> list:
     return sizes
 
 
-def first_wrap_length(n, symbol: sympy.Symbol, lower: int, upper: int, hints: dict) -> int | None:
-    """The least L in [lower, upper] with n(L) < 2L - 1, None if there is none (or n cannot be
-    evaluated). Doubling, then bisection: exact for n that grows slower than 2L past its first
-    shortfall (constants, L + c, any affine n with slope < 2), which is what FFT sizes are."""
+def first_wrap_length(n, symbol: sympy.Symbol, lower: int, upper: int, hints: dict,
+                      taps: int | None = None) -> int | None:
+    """The least L in [lower, upper] where a transform of size n(L) is too short for the linear
+    convolution of L inputs with a filter of `taps` taps (n < L + taps - 1; taps None: of L taps,
+    n < 2L - 1), None if there is none (or n cannot be evaluated). A wrap shows in the output
+    only from there: an 8-tap filter at a fixed n = 64 wraps from L = 58, not from L = 33.
+    Doubling, then bisection: exact for n that grows slower than L + taps past its first
+    shortfall (constants, L + c, affine n with a small slope), which is what FFT sizes are."""
     def short(L: int) -> bool | None:
         try:
             value = sympy.sympify(n).xreplace({**hints, symbol: sympy.Integer(L)})
-            return int(value) < 2 * L - 1
+            return int(value) < L + (L if taps is None else taps) - 1
         except Exception:  # noqa: BLE001 - a size sympy cannot evaluate: no threshold from it
             return None
 
@@ -136,9 +140,10 @@ def _other_lengths(L: int, admitted, lower: int = 2) -> list[int]:
     return out
 
 
-def recheck_lengths(L: int, size, nodes: list[fx.Node]) -> list[tuple[int, bool]]:
+def recheck_lengths(L: int, size, nodes: list[fx.Node], taps: int | None = None) -> list[tuple[int, bool]]:
     """(length, full) pairs for a region captured at L with the symbolic time size `size`: `full`
-    asks for the prefix and probe checks too (causality is checked at every length)."""
+    asks for the prefix and probe checks too (causality is checked at every length). `taps`: the
+    filter's extent at L; a filter shorter than L wraps in a too-small transform only later."""
     env, sym = _env_symbol(size)
     if env is None:  # not a plain symbol: no guards to consult, no FFT sizes to solve
         return [(L2, L2 >= L - L // 3) for L2 in _other_lengths(L, lambda n: True)]
@@ -150,8 +155,9 @@ def recheck_lengths(L: int, size, nodes: list[fx.Node]) -> list[tuple[int, bool]
     # taps at the shortest length says little).
     out = [(L2, L2 >= L - L // 3) for L2 in _other_lengths(L, admitted, lower)]
     seen = {L} | {L2 for L2, _ in out}
-    for n in fft_sizes(nodes):
-        first = first_wrap_length(n, sym, lower, upper, hints)
+    rules = (None,) if taps is None or taps >= L else (None, taps)  # full-length and as captured
+    for n, rule in ((n, rule) for n in fft_sizes(nodes) for rule in rules):
+        first = first_wrap_length(n, sym, lower, upper, hints, rule)
         if first is None:
             continue
         L2 = next((m for m in range(first, min(first + 32, upper + 1)) if admitted(m)), None)

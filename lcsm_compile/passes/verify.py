@@ -362,7 +362,7 @@ def _check_lengths(cg, mixer: Mixer, shape, dtype, device, tol, probes: bool = T
     L = shape[mixer.axis]
     if cg.symbolic:
         size = mixer.region.u.meta["val"].shape[mixer.axis]
-        for L2, full in recheck_lengths(L, size, mixer.fn.nodes):
+        for L2, full in recheck_lengths(L, size, mixer.fn.nodes, mixer.filter_length):
             _check_at_length(mixer, shape, L2, dtype, device, tol, probes and full)
         return
     if not probes:
