@@ -376,3 +376,29 @@ def test_reason_names_the_real_time_axis_when_length_equals_width():
             assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     messages = [str(w.message) for w in caught if "lcsm" in str(w.message)]
     assert any("non-causal: reads future positions" in m for m in messages), messages
+
+
+class _SaturatingSkip(nn.Module):
+    """A causal FFT conv plus a clamped skip: linear on unit inputs, not on large ones."""
+
+    def __init__(self, D=4, max_len=64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.h = nn.Parameter(torch.randn(D, max_len, generator=g) * 0.3)
+        self.D = nn.Parameter(torch.randn(D, generator=g))
+
+    def forward(self, x):
+        L = x.shape[1]
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(self.h[:, :L], n=2 * L), n=2 * L)[..., :L]
+        return (y + u.clamp(-20, 20) * self.D[:, None]).transpose(1, 2)
+
+
+def test_a_clamp_on_the_skip_path_is_not_folded():
+    model = _SaturatingSkip().eval()
+    compiled = torch.compile(model, backend="lcsm", options=EAGER)
+    lcsm_compile.counters.clear()
+    with torch.no_grad():
+        x = 100 * torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
+        assert _rel(compiled(x), model(x)) <= 1e-5  # the clamp stays in the graph
+    assert sum(lcsm_compile.counters["rewrite"].values()) == 1  # the convolution alone is rewritten

@@ -5,7 +5,8 @@ For a region y = f(u):
   impulse    h = f(delta_0) - c gives the filter (a skip D*u lands in h[0])
   channels   f(r * delta_0) - c == r * h for random r, else the region mixes channels
   causality  f(delta_{L-1}) - c is zero before L-1, else it reads future positions
-  probes     f(u) - c == causal_conv(u, h) for random u (linearity, time invariance)
+  probes     f(u) - c == causal_conv(u, h) for random u, one of unit scale and one 1e3 times
+             larger (linearity, also where a clamp or saturation acts; time invariance)
   bias       c is one value per channel: the rewrite adds it to every batch row and, with a
              dynamic L, at every length, so c must not vary along the batch nor with L
   lengths    with a dynamic L the rewritten graph serves other lengths too, so the region is
@@ -258,6 +259,9 @@ def _axis_candidates(cg: CapturedGraph, uval, shape) -> list[int]:
     return out
 
 
+FAR_PROBE_SCALE = 1e3  # the second probe's scale (relative errors do not see it; fp16: 1)
+
+
 def _random(shape, dtype, device, seed: int) -> Tensor:
     """A random probe drawn where it is used: on a GPU, not a host draw copied over (for
     Hyena-153M at B = 8, L = 8192 one probe is 170M normals, and verify draws ~4 per region).
@@ -304,9 +308,12 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     if bcast and _offset_mismatch(c, bias, axis, bcast, chan, scale, tol):
         raise VerifyError(f"its offset f(0) varies along the batch (dim {bcast[0]}); "
                           "the rewrite adds one bias per channel")
-    # Random probes: the whole region against the convolution it claims to be.
-    for _ in range(2 if probes else 0):
-        u = rand(shape)
+    # Random probes: the whole region against the convolution it claims to be. The second is
+    # scaled far past unit inputs: a nonlinearity that acts only on large values (a clamp at
+    # +-20 on a skip path) passes unit probes (not in fp16, whose range 1e3 inputs could exceed).
+    far = 1.0 if dtype == torch.float16 else FAR_PROBE_SCALE
+    for scale_u in (1.0, far)[: 2 if probes else 0]:
+        u = rand(shape) * scale_u
         got, err = _probe_error(fn, u, c, h, axis, bcast, chan, tol)
         if err > tol:
             if _rel(fn(2 * u) - c, 2 * got) > tol:
