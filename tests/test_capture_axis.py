@@ -248,3 +248,30 @@ def test_explain_at_length_equal_to_width(name, L):
     report = lcsm_compile.explain(model, *entry.make_inputs(model, 1, L, torch.Generator().manual_seed(0)))
     assert report.ok, str(report)
     assert len(report.mixers) == entry.expected_convs
+
+
+class _ChannelFFTThenConv(nn.Module):
+    """An FNet-style FFT over the hidden dim, then a causal long conv over time."""
+
+    def __init__(self, D=4):
+        super().__init__()
+        from lcsm_compile.zoo.spellings import RFFTDivideByNConv
+
+        self.mix = RFFTDivideByNConv(D, 64)
+
+    def forward(self, x):
+        return self.mix(torch.fft.fft(x, dim=-1).real)
+
+
+@pytest.mark.parametrize("L", [16, 63])
+def test_an_fft_over_channels_is_no_mixer_to_refuse(L):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _ChannelFFTThenConv().eval()
+    x = torch.randn(2, L, 4, generator=torch.Generator().manual_seed(L))
+    report = lcsm_compile.explain(model, x, inner_backend="eager")
+    assert len(report.mixers) == 1 and report.ok and report.decode == [], str(report)
+    compiled = torch.compile(model, backend="lcsm", options={"inner_backend": "eager", "strict": True})
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5

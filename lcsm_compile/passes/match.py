@@ -214,8 +214,13 @@ def match(cg: CapturedGraph) -> tuple[list[list[Region]], list[Rejection]]:
         for is_seed, propose in SEEDS:
             if not is_seed(node):
                 continue
-            if node.target in (aten.bmm.default, aten.mm.default) and node.meta.get("lcsm_class") != "MIXING":
-                break  # projections over channels are not mixers
+            known_time = node.meta.get("lcsm_time") and not node.meta.get("lcsm_time_guess")
+            if node.meta.get("lcsm_class") != "MIXING" and (
+                    node.target in (aten.bmm.default, aten.mm.default) or known_time):
+                # over channels or batch, not along a known time axis: a projection or an
+                # FNet-style channel FFT is no mixer to refuse (where the time axis is unknown, at
+                # L = 1, or only guessed, a seed is still tried, and a refusal says why)
+                break
             regions, reason = propose(cg, node)
             if regions:
                 proposals.append(regions)
