@@ -275,3 +275,49 @@ def test_an_fft_over_channels_is_no_mixer_to_refuse(L):
     with torch.no_grad():
         got, want = compiled(x), model(x)
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+class _FilterPerBatchRow(nn.Module):
+    """A different filter for each batch row: the batch is a channel-like dim of the filter."""
+
+    def __init__(self, D=4, max_len=64, rows=8):
+        super().__init__()
+        self.h = nn.Parameter(torch.randn(rows, D, max_len, generator=torch.Generator().manual_seed(0)) * 0.3)
+
+    def forward(self, x):
+        B, L = x.shape[:2]
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(self.h[:B, :, :L], n=2 * L), n=2 * L)
+        return y[..., :L].transpose(1, 2)
+
+
+class _TimeFirstCumsum(nn.Module):
+    """(L, B, D) in, a projection and a running sum over time (dim 0)."""
+
+    def __init__(self, D=4):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return torch.cumsum(self.proj(x), dim=0)
+
+
+@pytest.mark.parametrize("model, first, later, seq_dim, rewrites", [
+    (_FilterPerBatchRow, (3, 16, 4), [(4, 16, 4), (5, 16, 4)], 1, 0),  # refused: batch is a filter dim
+    (_TimeFirstCumsum, (16, 3, 4), [(16, 5, 4)], 0, 1),  # batch at dim 1, broadcast: rewritten
+])
+def test_a_batch_marked_dynamic_that_is_not_dim_0_or_is_a_filter_dim(model, first, later, seq_dim, rewrites):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = model().eval()
+    batch_dim = 1 - seq_dim  # the other leading dim
+    x = torch.randn(*first, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.mark_dynamic(x, batch_dim)
+    compiled = torch.compile(m, backend="lcsm", options={"inner_backend": "eager", "seq_dim": seq_dim})
+    lcsm_compile.counters.clear()
+    with torch.no_grad():
+        for shape in [first, *later]:
+            xx = x if shape == first else torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+            got, want = compiled(xx), m(xx)
+            assert ((got - want).norm() / want.norm()).item() <= 1e-5, shape
+    assert sum(lcsm_compile.counters["rewrite"].values()) == rewrites

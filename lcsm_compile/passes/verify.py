@@ -292,9 +292,20 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     if _leaks(fn, shape, axis, dtype, device, scale, tol, c):
         raise VerifyError("non-causal: reads future positions")
     # Which dims index channels and which the filter ignores (batch).
+    # A dynamic size can only be a batch-like dim (the rewrite folds the channel count into a
+    # view), so besides dim 0 any dynamic dim the filter ignores is one (a time-first (L, B, D)).
+    val = region.u.meta.get("val")
+    dyn = {d for d in range(len(shape)) if isinstance(val, Tensor) and isinstance(val.shape[d], torch.SymInt)}
     others = [d for d in range(len(shape)) if d != axis]
-    bcast = tuple(d for d in others if d == 0 and _rel(h_full, h_full.narrow(d, 0, 1).expand_as(h_full)) <= tol)
+    bcast = tuple(d for d in others
+                  if (d == 0 or d in dyn) and _rel(h_full, h_full.narrow(d, 0, 1).expand_as(h_full)) <= tol)
     chan = tuple(d for d in others if d not in bcast)
+    # A dynamic dim the filter varies along (a filter per batch row, batch marked dynamic) would be
+    # specialized by the rewrite's view, which dynamo refuses for a dim marked dynamic.
+    dynamic = [d for d in chan if d in dyn]
+    if dynamic:
+        raise VerifyError(f"its filter differs along dim {dynamic[0]}, whose size is dynamic (the folded "
+                          "filter has one row per index there)")
     d0 = torch.zeros(shape, dtype=dtype, device=device)
     d0.select(axis, 0).copy_(rand(d0.select(axis, 0).shape))  # a random impulse per channel
     if _rel(fn(d0) - c, h_full * d0.select(axis, 0).unsqueeze(axis)) > tol:
