@@ -321,3 +321,23 @@ def test_a_batch_marked_dynamic_that_is_not_dim_0_or_is_a_filter_dim(model, firs
             got, want = compiled(xx), m(xx)
             assert ((got - want).norm() / want.norm()).item() <= 1e-5, shape
     assert sum(lcsm_compile.counters["rewrite"].values()) == rewrites
+
+
+class _ChannelsFirstFFTConv(nn.Module):
+    """(B, D, L) in: time is dim 2, not the default seq_dim."""
+
+    def __init__(self, D=4, max_len=64):
+        super().__init__()
+        self.h = nn.Parameter(torch.randn(D, max_len, generator=torch.Generator().manual_seed(0)) * 0.3)
+
+    def forward(self, u):
+        L = u.shape[-1]
+        return torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(self.h[:, :L], n=2 * L), n=2 * L)[..., :L]
+
+
+def test_a_wrong_seq_dim_is_named_in_the_refusal():
+    model, x = _ChannelsFirstFFTConv().eval(), torch.randn(2, 4, 16)
+    report = lcsm_compile.explain(model, x, inner_backend="eager")
+    assert not report.mixers and any("seq_dim" in u.reason for u in report.unsupported), str(report)
+    report = lcsm_compile.explain(model, x, inner_backend="eager", seq_dim=2)
+    assert len(report.mixers) == 1 and report.ok, str(report)

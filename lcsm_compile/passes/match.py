@@ -208,13 +208,16 @@ def match(cg: CapturedGraph) -> tuple[list[list[Region]], list[Rejection]]:
     """Candidate regions per seed (alternatives, longest last), and seeds that cannot be regions."""
     proposals: list[list[Region]] = []
     rejections: list[Rejection] = []
+    # Where nothing mixes along the declared time axis, that axis may be the wrong one (a
+    # channels-first model at the default seq_dim): every seed is tried, so a refusal says why.
+    time_mixing = any(n.meta.get("lcsm_class") == "MIXING" for n in cg.gm.graph.nodes)
     for node in cg.gm.graph.nodes:
         if node.op != "call_function" or is_static(node):
             continue
         for is_seed, propose in SEEDS:
             if not is_seed(node):
                 continue
-            known_time = node.meta.get("lcsm_time") and not node.meta.get("lcsm_time_guess")
+            known_time = time_mixing and node.meta.get("lcsm_time") and not node.meta.get("lcsm_time_guess")
             if node.meta.get("lcsm_class") != "MIXING" and (
                     node.target in (aten.bmm.default, aten.mm.default) or known_time):
                 # over channels or batch, not along a known time axis: a projection or an

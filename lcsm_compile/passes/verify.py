@@ -309,7 +309,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     d0 = torch.zeros(shape, dtype=dtype, device=device)
     d0.select(axis, 0).copy_(rand(d0.select(axis, 0).shape))  # a random impulse per channel
     if _rel(fn(d0) - c, h_full * d0.select(axis, 0).unsqueeze(axis)) > tol:
-        raise VerifyError("mixes channels")
+        raise VerifyError(f"mixes channels (or time is not dim {axis} of its input: options={{'seq_dim': ...}})")
     del d0  # (B, C, L): the probes below need their own
     h = canonical_row(h_full, axis, bcast, chan)
     bias = canonical_row(c.narrow(axis, 0, 1), axis, bcast, chan)[:, 0]
