@@ -15,7 +15,6 @@ leave the state as it was.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -306,17 +305,27 @@ class Decoder:
         return (isinstance(x, Tensor) and x.shape == value.shape and x.dtype == value.dtype
                 and x.device == value.device and torch.equal(x, value))
 
-    @contextlib.contextmanager
-    def _cleared_on_error(self):
-        """Work that changes the decode state: should it fail part way (an index past the
-        vocabulary, say), the state is cleared, so that a later step() cannot run on half of it."""
-        try:
-            yield
-        except BaseException as e:
-            self.reset()
-            if hasattr(e, "add_note"):  # Python 3.11+
-                e.add_note("lcsm decoder: the decode state was cleared; call prefill() again")
-            raise
+    def _cleared(self, e: BaseException) -> None:
+        """After work that changes the decode state failed part way (an index past the vocabulary,
+        say): the state is cleared, so that a later step() cannot run on half of it. A plain
+        try/except at the callers, not a context manager: steps are the per-token path."""
+        self.reset()
+        if hasattr(e, "add_note"):  # Python 3.11+
+            e.add_note("lcsm decoder: the decode state was cleared; call prefill() again")
+
+    def _token_graphs(self, feed=None):
+        """The CUDA graphs of a token (a feed's own set: their inputs are its buffers), captured
+        on first use."""
+        graphs = self._graphs if feed is None else self._fed_graphs.get(feed)
+        if graphs is None:
+            from .cuda_graphs import StepGraphs  # noqa: PLC0415
+
+            graphs = StepGraphs(self.program, feed=feed)
+            if feed is None:
+                self._graphs = graphs
+            else:
+                self._fed_graphs[feed] = graphs
+        return graphs
 
     def _structure(self, outs: list):
         leaves = [outs[v] if kind == "out" else v for kind, v in self._leaves]
@@ -335,8 +344,11 @@ class Decoder:
     def prefill(self, *inputs):
         """Outputs at the last prompt position; the state now holds the prompt."""
         P = self._check(inputs, step=False)
-        with self._cleared_on_error():
+        try:
             outs = self.program.prefill(self._seq(inputs), P)
+        except BaseException as e:
+            self._cleared(e)
+            raise
         self._prefilled = True
         counters["decode"]["prefill_positions"] += P
         return self._structure([o.narrow(d, P - 1, 1).clone() if d is not None else o
@@ -351,14 +363,13 @@ class Decoder:
         self._check(inputs, step=True)
         self._check_can_step()
         counters["decode"]["step_positions"] += 1
-        with self._cleared_on_error():
+        try:
             if not self._use_graphs:
                 return self.program.step(self._seq(inputs))
-            if self._graphs is None:
-                from .cuda_graphs import StepGraphs  # noqa: PLC0415
-
-                self._graphs = StepGraphs(self.program)
-            return self._graphs.replay(self._seq(inputs))
+            return self._token_graphs().replay(self._seq(inputs))
+        except BaseException as e:
+            self._cleared(e)
+            raise
 
     def _fed_step(self, feed) -> None:
         """A step whose inputs the previous one chose: the sequence inputs are `feed.inputs` (device
@@ -367,16 +378,14 @@ class Decoder:
         returns to the host, so a loop of these needs no sync (generate's greedy tokens)."""
         self._check_can_step()
         counters["decode"]["fed_step_positions"] += 1
-        with self._cleared_on_error():
+        try:
             if not self._use_graphs:
                 feed(self.program.step(feed.inputs))
-                return
-            graphs = self._fed_graphs.get(feed)
-            if graphs is None:
-                from .cuda_graphs import StepGraphs  # noqa: PLC0415
-
-                graphs = self._fed_graphs[feed] = StepGraphs(self.program, feed=feed)
-            graphs.replay(None)
+            else:
+                self._token_graphs(feed).replay(None)
+        except BaseException as e:
+            self._cleared(e)
+            raise
 
     def _check_can_step(self) -> None:
         if not self._prefilled:
