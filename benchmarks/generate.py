@@ -222,6 +222,30 @@ def floor_cost(dec: Decoder, reps: int) -> float:
     return timed(lambda: [run() for _ in range(reps)]) / reps
 
 
+@torch.no_grad()
+def weights_read(dec: Decoder, reps: int) -> dict:
+    """The least memory traffic of a position-wise step: every tensor its segments take (each
+    distinct one once; a positional table one row), read once at the rate of one large read.
+    No step program of this model can run its position-wise part faster than that."""
+    prog, seen, parts = dec.program, set(), []
+    for seg in dec.plan.segments:
+        for key in seg.inputs:
+            if key[0] not in ("static", "positional") or not isinstance(prog.frontier.get(key[1]), torch.Tensor):
+                continue
+            v = prog.frontier[key[1]]
+            if key[0] == "positional":
+                v = v.select(dec.plan.time_dim[key[1]], 0)
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                parts.append(v.detach().contiguous().reshape(-1).view(torch.uint8))
+    flat = torch.cat(parts)
+    n = flat.numel()
+    words = torch.nn.functional.pad(flat, (0, -n % 4)).view(torch.float32)  # read as 4-byte words
+    del flat, parts
+    s = timed(lambda: words.sum(), reps)
+    return {"bytes": n, "tensors": len(seen), "read_s": s, "read_tb_per_s": n / s / 1e12}
+
+
 # ---------------------------------------------------------------- driver
 def run_config(model, B, L, smoke, report, save):
     res = {"B": B, "max_len": L}
@@ -263,6 +287,10 @@ def run_config(model, B, L, smoke, report, save):
         f"{predicted / W * 1e6:.1f} us/token for the run")
     res["floor_token_s"] = floor_cost(dec, 20 if smoke else 200)
     log(f"  floor: {res['floor_token_s'] * 1e6:.1f} us/token")
+    res["weights_read"] = weights_read(dec, 5 if smoke else 50)
+    wr = res["weights_read"]
+    log(f"  the step's weights, read once: {wr['bytes'] / 1e6:.1f} MB in {wr['tensors']} tensors, "
+        f"{wr['read_s'] * 1e6:.1f} us ({wr['read_tb_per_s']:.2f} TB/s): the floor's bound")
     save()
     # lazy: a program of the same plan sharing the compiled segments; ours' state freed first
     dec._graphs = None
