@@ -357,7 +357,7 @@ def main():
             report["errors"].append(f"B={B} L={L}: {type(e).__name__}: {str(e)[:2000]}")
             log(traceback.format_exc()[-3000:])
             if "decoder" not in report["configs"][-1] and L >= 2**14 and not args.smoke:
-                queue.insert(0, (B, L // 4))  # the build failed: a shorter max_len, once per halving pair
+                queue.insert(0, (B, L // 2))  # the build failed (out of memory): half the max_len
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()

@@ -225,3 +225,36 @@ def test_inductor_step_program_cpu():
     dec = lcsm_compile.decoder(model, x[:, :8], max_len=MAX_LEN, inner_backend="inductor")
     outs = [dec.prefill(x[:, :7])] + [dec.step(x[:, t : t + 1]) for t in range(7, 40)]
     assert _rel_per_position(torch.cat(outs, 1), ref[:, 6:]) <= 1e-5
+
+
+def test_one_copy_of_the_filters_when_engines_allocate():
+    """A new step program's engines allocate their state with one copy of the long filters alive
+    (at B = 8, L = 2^17 a second copy was what an H100 lacked): the folded filters the plan held
+    are released before the engine is constructed, and each conv then uses the engine's copy."""
+    import gc
+    import weakref
+
+    from lcsm_compile.runtime.lazy_graphed import GraphedLazyConv
+    from lcsm_compile.runtime.step_program import StepProgram
+
+    entry = ZOO["hyena_lm"]
+    model = entry.build()
+    x = _inputs(entry, model, 2, 40)
+    dec = lcsm_compile.decoder(model, x[:, :8], max_len=MAX_LEN, **EAGER)
+    old = [weakref.ref(c.filter) for c in dec.plan.long_convs]
+    alive_at_build = []
+
+    def engine(filters, *args):
+        gc.collect()
+        alive_at_build.append(sum(r() is not None for r in old))
+        return GraphedLazyConv(filters, *args, backend="torch")
+
+    prog = StepProgram(dec.plan, dec.device, engine_factory=engine, like=dec.program)
+    assert alive_at_build == [0] * len(prog.engines) and len(prog.engines) >= 1
+    for c in dec.plan.long_convs:
+        eng, m = prog.where[c.index]
+        assert c.filter.untyped_storage().data_ptr() == eng.h.untyped_storage().data_ptr()
+    with torch.no_grad():
+        ref = model(x)
+    outs = [prog.prefill([x[:, :20]], 20)[0][:, -1:]] + [prog.step([x[:, t : t + 1]])[0] for t in range(20, 40)]
+    assert _rel_per_position(torch.cat(outs, 1), ref[:, 19:]) <= 1e-5

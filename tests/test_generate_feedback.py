@@ -87,7 +87,7 @@ def test_greedy_feed_in_cuda_graphs_matches_eager_loop():
     options = {"inner_backend": "inductor", "cuda_graphs": True}
     _check(model, ids, 48, options)
     # the decoder's own step() (its plain graphs) still agrees with the eager forward afterwards
-    dec = gen.cached_decoder(model, ids, ids.shape[1] + 48, options)
+    dec = gen.cached_decoder(model, ids, ids.shape[1] + 48 - 1, options)  # generate's: the last token is never fed
     assert dec._fed_graphs, "generate on a GPU should have captured the feed's token graphs"
     x = eager_greedy_eos(model, ids, 12, None)
     with torch.no_grad():

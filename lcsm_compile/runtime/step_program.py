@@ -156,6 +156,10 @@ class StepProgram:
         for (C, B, dtype, modal), sites in ([] if self.floor else groups.items()):
             K = max(c.filter.shape[-1] for c in sites)
             filters = torch.stack([F.pad(c.filter, (0, K - c.filter.shape[-1])) for c in sites]).to(self.device)
+            for m, c in enumerate(sites):
+                # the folded filters go before the engine allocates its state: a second copy of
+                # M * D * max_len filter taps at the peak (B = 8, L = 2^17: 8 of 82 GB) did not fit an H100
+                self._slim(c, filters[m])
             if modal:
                 eng = _modal_engine([c.strategy.modal for c in sites], filters, B, plan.max_len, dtype, self.device)
             else:
