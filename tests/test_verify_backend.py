@@ -402,3 +402,36 @@ def test_a_clamp_on_the_skip_path_is_not_folded():
         x = 100 * torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
         assert _rel(compiled(x), model(x)) <= 1e-5  # the clamp stays in the graph
     assert sum(lcsm_compile.counters["rewrite"].values()) == 1  # the convolution alone is rewritten
+
+
+class _SmallLeak(nn.Module):
+    """A causal FFT conv plus `eps` times an anti-causal one (an impulse seen 3 steps early)."""
+
+    def __init__(self, eps: float, D=4, max_len=128):
+        super().__init__()
+        self.eps = eps
+        self.h = nn.Parameter(torch.randn(D, max_len) * 0.3)
+
+    def forward(self, x):  # (B, L, D)
+        n = x.size(1)
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * n) * torch.fft.rfft(self.h[:, :n], n=2 * n), n=2 * n)[..., :n]
+        ahead = torch.nn.functional.pad(u[..., 3:], (0, 3))  # u[t + 3]
+        return (y + self.eps * ahead).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 3e-5, 1e-3])
+def test_a_small_anticausal_part_is_not_rewritten(eps, dtype):
+    """verify_rtol (1e-4) bounds the probes' relative error; an impulse seen before it arrives is
+    held to round-off. With the leak inside, the region u -> y + eps * u[t + 3] must be refused
+    (at 3e-5 it was rewritten: 1.4e-5 off in fp32); its causal FFT conv alone is still rewritten."""
+    torch.manual_seed(0)
+    model = _SmallLeak(eps).to(dtype).eval()
+    x = torch.randn(2, 100, 4, dtype=dtype)
+    lcsm_compile.counters.clear()
+    compiled = torch.compile(model, backend="lcsm", options=EAGER)
+    with torch.no_grad():
+        y, ref = compiled(x), model(x)
+    assert _rel(y, ref) <= (1e-6 if dtype == torch.float32 else 1e-12)
+    assert _rewrites() == 1
