@@ -155,11 +155,12 @@ def lcsm_backend(
 
         served = serve(cg, report, settings, lambda: inner_compile(cg.gm, example_inputs, settings, mode, aten=True))
         # The step program keeps the weights it was built from (not only the folded filters).
-        return FoldedWeightsGuard(served, unchanged, cg, _static_indices(cg), _scalar_indices(gm))
+        return FoldedWeightsGuard(served, unchanged, cg, _static_indices(cg), _scalar_indices(gm), settings.strict)
     # The rewritten ATen graph takes the same flat inputs as the dynamo graph; the inner compiler
     # treats it like any dynamo graph (inductor lifts the folded filters as constants).
     rewritten = inner_compile(cg.gm, example_inputs, settings, mode, aten=True)
-    return FoldedWeightsGuard(rewritten, unchanged, cg, _folded_indices(cg, report), _scalar_indices(gm))
+    return FoldedWeightsGuard(rewritten, unchanged, cg, _folded_indices(cg, report), _scalar_indices(gm),
+                              settings.strict)
 
 
 def _static_indices(cg: CapturedGraph) -> list[int]:
@@ -196,12 +197,13 @@ class FoldedWeightsGuard:
     reassigned. Each call compares the weights' (data_ptr, _version) with those at compile time
     (~0.4 us a weight); on a change it runs the unrewritten graph from then on (compiled on first
     need), so a stale filter is never used, and warns once that torch._dynamo.reset() recompiles
-    with the new weights.
+    with the new weights. With `strict` it raises instead, on every call while the weights differ
+    (the rewrite is kept: the compiled weight tensors, put back unchanged, are served again).
     """
 
     def __init__(self, rewritten: Callable, compile_unchanged: Callable[[], Callable],
-                 cg: CapturedGraph, indices: list[int], scalars: set[int] = frozenset()):
-        self.rewritten, self.compile_unchanged = rewritten, compile_unchanged
+                 cg: CapturedGraph, indices: list[int], scalars: set[int] = frozenset(), strict: bool = False):
+        self.rewritten, self.compile_unchanged, self.strict = rewritten, compile_unchanged, strict
         self.scalars = [(i, cg.inputs[i].source, cg.inputs[i].value.item()) for i in indices if i in scalars]
         indices = [i for i in indices if i not in scalars]
         self.indices = indices
@@ -232,13 +234,14 @@ class FoldedWeightsGuard:
         changed = [s for i, s, v in self.scalars if args[i].item() != v]
         changed += [s for i, s, k in zip(self.indices, self.sources, self.keys)
                     if not isinstance(args[i], torch.Tensor) or _weight_key(args[i]) != k]
+        what = (f"lcsm: {(changed or self.sources)[0]} changed after compiling (in place or reassigned) and a "
+                "folded filter was computed from it")
+        if self.strict:
+            raise LcsmCompileError(f"{what}; call torch._dynamo.reset() to recompile with the new weights "
+                                   "(strict: no fallback to the unrewritten graph)")
         counters["graphs"]["stale_filter_fallbacks"] += 1
-        warnings.warn(
-            f"lcsm: {(changed or self.sources)[0]} changed after compiling (in place or reassigned) and a "
-            "folded filter was computed from it: this graph now runs unrewritten; call "
-            "torch._dynamo.reset() to recompile with the new weights",
-            stacklevel=3,
-        )
+        warnings.warn(f"{what}: this graph now runs unrewritten; call torch._dynamo.reset() to recompile "
+                      "with the new weights", stacklevel=3)
         self.rewritten = None  # the folded filters are stale: let them go
         self.unchanged = self.compile_unchanged()
 

@@ -125,3 +125,25 @@ def test_random_op_in_filter_path_is_refused():
     assert sum(lcsm_compile.counters["rewrite"].values()) == 0
     assert _rel(first, second) > 1e-2  # a new dropout mask each call, as in eager
     assert _rel(compiled, eager) < 1e-5
+
+
+def test_strict_raises_on_changed_weights():
+    from lcsm_compile.backend import LcsmCompileError
+
+    model = LongConv().eval()
+    x = torch.randn(2, L, D)
+    lcsm_compile.counters.clear()
+    fast = torch.compile(model, backend="lcsm", options={**EAGER, "strict": True})
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) < 1e-5
+        compiled_h = model.h
+        model.h = nn.Parameter(torch.randn(D, MAX_LEN))
+        for _ in range(2):  # on every call while they differ, not once
+            with pytest.raises(LcsmCompileError, match="changed after compiling.*strict"):
+                fast(x)
+        model.h = compiled_h  # the compiled tensor, unchanged: served by the rewrite again
+        assert _rel(fast(x), model(x)) < 1e-5
+        compiled_h.mul_(-3.0)
+        with pytest.raises(LcsmCompileError, match="changed after compiling"):
+            fast(x)
+    assert lcsm_compile.counters["graphs"]["stale_filter_fallbacks"] == 0
