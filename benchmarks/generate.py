@@ -246,6 +246,17 @@ def weights_read(dec: Decoder, reps: int) -> dict:
     return {"bytes": n, "tensors": len(seen), "read_s": s, "read_tb_per_s": n / s / 1e12}
 
 
+def _peak_gib() -> float | None:
+    """The peak since the last call (then reset): one phase's high-water mark."""
+    if not CUDA:
+        return None
+    gc.collect()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 2)
+
+
 # ---------------------------------------------------------------- driver
 def run_config(model, B, L, smoke, report, save):
     res = {"B": B, "max_len": L}
@@ -254,6 +265,9 @@ def run_config(model, B, L, smoke, report, save):
     log("  eager recompute: forward times")
     res["eager_forward_s"] = eager_costs(model, B, L, smoke)
     save()
+    peak = {}  # GiB allocated at most in each phase (does a max_len fit a smaller card?)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     ids = torch.randint(0, model.vocab_size, (B, P), device=DEV)
     with amp():
@@ -286,6 +300,7 @@ def run_config(model, B, L, smoke, report, save):
     log(f"  ours by level (us): {' '.join(f'{k}:{v * 1e6:.1f}' for k, v in costs.items())}; model predicts "
         f"{predicted / W * 1e6:.1f} us/token for the run")
     res["floor_token_s"] = floor_cost(dec, 20 if smoke else 200)
+    peak["ours"] = _peak_gib()
     log(f"  floor: {res['floor_token_s'] * 1e6:.1f} us/token")
     res["weights_read"] = weights_read(dec, 5 if smoke else 50)
     wr = res["weights_read"]
@@ -299,10 +314,14 @@ def run_config(model, B, L, smoke, report, save):
     if CUDA:
         torch.cuda.empty_cache()
     res["lazy_token_s"] = {str(k): v for k, v in lazy_costs(dec, L, 3 if smoke else 5, model.vocab_size).items()}
+    peak["lazy"] = _peak_gib()
     gc.collect()
     save()
     graphed = lazy_graphed_costs(dec, L, 3 if smoke else 20, model.vocab_size)
     res["lazy_graphed_token_s"] = {str(k): v for k, v in graphed.items()}
+    peak["lazy_graphed"] = _peak_gib()
+    res["peak_gib_by_phase"] = peak
+    log(f"  peak GiB allocated: {peak}")
     del dec
     gc.collect()
     if CUDA:
