@@ -265,11 +265,10 @@ def run_config(model, B, L, smoke, report, save):
     report["configs"].append(res)
     log(f"== B={B}, L={L} ==")
     log("  eager recompute: forward times")
+    _peak_gib()  # start this config's count
     res["eager_forward_s"] = eager_costs(model, B, L, smoke)
+    peak = {"eager": _peak_gib()}  # GiB allocated at most in each phase (does a max_len fit a smaller card?)
     save()
-    peak = {}  # GiB allocated at most in each phase (does a max_len fit a smaller card?)
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     ids = torch.randint(0, model.vocab_size, (B, P), device=DEV)
     with amp():
@@ -317,19 +316,16 @@ def run_config(model, B, L, smoke, report, save):
         torch.cuda.empty_cache()
     res["lazy_token_s"] = {str(k): v for k, v in lazy_costs(dec, L, 3 if smoke else 5, model.vocab_size).items()}
     peak["lazy"] = _peak_gib()
-    gc.collect()
     save()
     graphed = lazy_graphed_costs(dec, L, 3 if smoke else 20, model.vocab_size)
     res["lazy_graphed_token_s"] = {str(k): v for k, v in graphed.items()}
     peak["lazy_graphed"] = _peak_gib()
     res["peak_gib_by_phase"] = peak
     log(f"  peak GiB allocated: {peak}")
+    if CUDA:
+        res["peak_memory_gb"] = max(peak.values())  # the whole config's (GiB, as in earlier runs)
     del dec
     gc.collect()
-    if CUDA:
-        res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     res["rows"] = summarize(res, smoke)
     save()
 

@@ -294,7 +294,7 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     # The offset (bias) must not vary along time.
     if _rel(c, c.narrow(axis, 0, 1).expand_as(c)) > tol and _norm(c) > tol * scale:
         raise VerifyError("its offset f(0) varies with position")
-    if _leaks(fn, shape, axis, dtype, device, scale, leak_tol(fn, tol), c):
+    if _leaks(fn, shape, axis, dtype, device, scale, tol, c):
         raise VerifyError("non-causal: reads future positions")
     # Which dims index channels and which the filter ignores (batch).
     # A dynamic size can only be a batch-like dim (the rewrite folds the channel count into a
@@ -346,12 +346,10 @@ def _verify_axis(cg, fn, region, shape, axis, dtype, device, tol, probes=True) -
     return mixer
 
 
-def leak_tol(fn, tol: float) -> float:
-    return min(tol, LEAK_RTOL.get(fn.compute_dtype(), tol))
-
-
 def _leaks(fn, shape, axis, dtype, device, scale: float, tol: float, offset: Tensor) -> bool:
-    """Causality: whether an impulse at the last step shows up earlier (`offset`: f(0))."""
+    """Causality: whether an impulse at the last step shows up earlier (`offset`: f(0)) beyond
+    round-off (LEAK_RTOL, where it is tighter than the region's tolerance `tol`)."""
+    tol = min(tol, LEAK_RTOL.get(fn.compute_dtype(), tol))
     L = shape[axis]
     if L < 2:
         return False
@@ -410,7 +408,7 @@ def _check_at_length(mixer: Mixer, shape, L2: int, dtype, device, tol, full: boo
         mixer.offset_free = mixer.offset_free and not bool(c2.any())
         if tuple(h2_full.shape) != shp:
             return  # nor would the model: its output there is not one value per position
-        if _leaks(fn, shp, axis, dtype, device, max(_norm(h2_full), 1e-30), leak_tol(fn, tol), c2):
+        if _leaks(fn, shp, axis, dtype, device, max(_norm(h2_full), 1e-30), tol, c2):
             raise VerifyError(f"non-causal at L={L2}: reads future positions")
     except VerifyError:
         raise
